@@ -1,0 +1,15 @@
+"""Task registry: config.task -> module. A module exposes either `build(config) -> Task` (run by
+the generic loop in jdjax.train.loop) or `run(config, workdir) -> dict` (simulations), and
+optionally `validate(config) -> list[str]`. Modules are imported lazily."""
+
+import importlib
+
+TASKS = {
+    "classification": "jdjax.tasks.classification",
+}
+
+
+def get_task_module(name: str):
+    if name not in TASKS:
+        raise KeyError(name)
+    return importlib.import_module(TASKS[name])

@@ -1,0 +1,60 @@
+"""Helpers for tests that run whole jobs: subprocess launches and checkpoint reading."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main_command(config: str, workdir: str, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "jdjax.main", f"--config={config}", f"--workdir={workdir}", *overrides]
+
+
+def subprocess_env(num_devices: int = 1, **extra: str) -> dict[str, str]:
+    """The environment for a child JAX process with `num_devices` fake CPU devices."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+        JAX_PLATFORMS="cpu",
+        JDJAX_NO_PROGRESS="1",
+        PYTHONPATH=REPO_ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    env.update(extra)
+    return env
+
+
+def run_main(config: str, workdir: str, *overrides: str, num_devices: int = 1, timeout: float = 300, **env):
+    """Runs `python -m jdjax.main` in a child process; returns the CompletedProcess."""
+    return subprocess.run(
+        main_command(config, workdir, *overrides),
+        cwd=REPO_ROOT,
+        env=subprocess_env(num_devices, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def checkpoint_steps(workdir: str, kind: str = "ckpt") -> list[int]:
+    d = os.path.join(workdir, kind)
+    return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
+def load_state(workdir: str, step: int | None = None, kind: str = "ckpt") -> dict:
+    """The saved train state at `step` (default: latest) as nested dicts of NumPy arrays."""
+    import orbax.checkpoint as ocp
+
+    step = checkpoint_steps(workdir, kind)[-1] if step is None else step
+    path = os.path.join(os.path.abspath(workdir), kind, str(step), "state")
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(path)
+        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+        import jax
+
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return ckptr.restore(path, restore_args=restore_args)

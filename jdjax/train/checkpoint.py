@@ -1,0 +1,102 @@
+"""Checkpoints with orbax: the last K (for resuming) and the best by a validation metric.
+
+Layout in the workdir:
+  ckpt/<step>/{state,meta}   periodic, keep-last-K; `meta` holds the data-iterator state and the
+                             best validation value so far, so a rerun resumes exactly.
+  best/<step>/{state,meta}   the single best state by `checkpoint.best_metric` (a validation
+                             metric, never a test one).
+Orbax writes each step to a temporary directory and renames it when complete, so a crash
+never leaves a half-written checkpoint that would be restored.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, keep: int, best_metric: str, best_mode: str, async_save: bool = True):
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"checkpoint.best_mode must be 'max' or 'min', got {best_mode!r}.")
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        opts = dict(create=True, enable_async_checkpointing=async_save)
+        self.last = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(workdir, "ckpt")), options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts)
+        )
+        self.best = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(workdir, "best")), options=ocp.CheckpointManagerOptions(max_to_keep=1, **opts)
+        )
+        self.best_value = None
+        self.best_step = None
+
+    def latest_step(self) -> int | None:
+        return self.last.latest_step()
+
+    def _meta(self, data_state) -> dict:
+        return {"data": data_state, "best_value": self.best_value, "best_step": self.best_step}
+
+    def save(self, step: int, state, data_state) -> None:
+        """Saves (state, data-iterator state) as step `step` of the keep-last-K series."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(self._meta(data_state)))
+        self.last.save(step, args=args, force=True)
+
+    def improves(self, metrics: dict) -> bool:
+        if self.best_metric not in metrics:
+            raise KeyError(
+                f"checkpoint.best_metric={self.best_metric!r} is not among the eval metrics {sorted(metrics)}."
+            )
+        value = float(metrics[self.best_metric])
+        if self.best_value is None:
+            return True
+        return value > self.best_value if self.best_mode == "max" else value < self.best_value
+
+    def save_best(self, step: int, state, metrics: dict) -> None:
+        """Call after `improves(metrics)` returned True."""
+        self.best_value, self.best_step = float(metrics[self.best_metric]), int(step)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(self._meta(None)))
+        self.best.save(step, args=args, force=True)
+
+    def restore(self, abstract_state, best: bool = False):
+        """Restores (state, data_state) from the latest (or best) checkpoint; None if there is none.
+
+        `abstract_state` holds jax.ShapeDtypeStruct leaves with shardings, so arrays are read
+        straight into their target layout.
+        """
+        mngr = self.best if best else self.last
+        step = mngr.latest_step()
+        if step is None:
+            return None
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        try:
+            restored = mngr.restore(step, args=args)
+        except Exception as e:  # orbax raises several types for unreadable or mismatched trees
+            raise CheckpointError(
+                f"could not restore the checkpoint at {mngr.directory}/{step}: {e}. If the model or "
+                "optimizer changed since it was written, use a new --workdir; if the files are damaged, "
+                "delete that step's directory to fall back to the previous one."
+            ) from e
+        meta = restored.meta
+        if not best:
+            self.best_value, self.best_step = meta["best_value"], meta["best_step"]
+        return restored.state, meta["data"]
+
+    def wait(self) -> None:
+        self.last.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.last.close()
+        self.best.close()
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read into the current model."""
+
+
+def abstract_with_shardings(tree, shardings):
+    """jax.ShapeDtypeStruct leaves carrying the target shardings, for restoring."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

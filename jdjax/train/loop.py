@@ -1,0 +1,318 @@
+"""The one training loop: sharded, checkpointed, resumable, used by every trainable task.
+
+Sections: mesh and shardings -> optimizer -> state (restored or born sharded) -> compiled steps
+-> the step loop (logging, eval, checkpoints, preemption, non-finite guard) -> final report
+(the checkpoint chosen on the validation split, evaluated on test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from jdjax.data import pipeline
+from jdjax.tasks.base import Task
+from jdjax.train import sharding as shd
+from jdjax.train.checkpoint import Checkpointer, abstract_with_shardings
+from jdjax.train.logging import Chrono, MetricWriter, is_main_process, progress_bar, save_config
+from jdjax.train.optim import count_params, make_optimizer, trainable_mask
+from jdjax.train.state import TrainState
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop polls; the loop then saves and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, no preemption support
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self) -> bool:
+        """True on every process if any process was asked to stop (one collective when multi-host)."""
+        if jax.process_count() == 1:
+            return self.requested
+        flags = multihost_utils.process_allgather(np.array([self.requested]))
+        return bool(np.any(flags))
+
+
+def make_train_step(task: Task, tx, schedule, mask):
+    """train_step(state, batch, rng) -> (state, metrics); rng is the run's base key as raw uint32 data."""
+
+    def train_step(state: TrainState, batch, rng):
+        step_rng = jax.random.fold_in(jax.random.wrap_key_data(rng), state.step)
+        # Frozen parameters get no gradient at all (XLA drops their backward pass).
+        def loss_fn(params):
+            params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
+            return task.loss(params, batch, step_rng)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state.params, updates)
+        metrics = {"loss": loss, "grad_norm": _global_norm(grads), "learning_rate": schedule(state.step), **aux}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def _global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def evaluate(predict_step, params, source, global_batch: int, mesh, summarize) -> dict[str, float]:
+    """Metrics over every example of `source` (last batch padded, padding masked out)."""
+    outputs: dict[str, list] = {}
+    for local in pipeline.eval_batches(source, global_batch, jax.process_index(), jax.process_count()):
+        batch = shd.global_batch_from_local(local, mesh)
+        out = predict_step(params, batch)
+        out["mask"] = batch["mask"]
+        for k, v in out.items():
+            outputs.setdefault(k, []).append(_to_host(v))
+    cat = {k: np.concatenate(v) for k, v in outputs.items()}
+    keep = cat.pop("mask") > 0
+    return summarize({k: v[keep] for k, v in cat.items()})
+
+
+def _to_host_tree(tree):
+    """A sharded pytree as full NumPy arrays on every process."""
+    return jax.tree.map(_to_host, tree)
+
+
+def _to_host(x) -> np.ndarray:
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+@dataclasses.dataclass
+class Compiled:
+    """A task's mesh, shardings and jitted functions, ready to run (see `compile_task`)."""
+
+    mesh: Mesh
+    state_sh: TrainState
+    param_sh: object
+    abstract_state: TrainState  # ShapeDtypeStruct leaves with shardings
+    init_state: object  # () -> TrainState, born sharded (pretrained weights applied)
+    train_step: object  # (state, batch, rng) -> (state, metrics); donates state
+    predict_step: object  # (params, batch) -> per-example outputs
+    rng: jax.Array  # the base training key (raw uint32 data), replicated
+    num_params: int
+    num_trainable: int
+
+
+def compile_task(config, task: Task) -> Compiled:
+    """Builds the mesh, optimizer, shardings and jitted steps for `task` under `config`."""
+    mesh = shd.make_mesh(dict(config.mesh))
+    rules = shd.rules_from_config(config.sharding_rules)
+    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+    tx, schedule = make_optimizer(config.optimizer, int(config.num_train_steps), task.trainable, task.lr_multipliers)
+    with nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(task.init, init_rng)
+        param_sh = shd.logical_shardings(boxed, mesh, rules)
+    abstract_params = nn.meta.unbox(boxed)
+    mask = trainable_mask(abstract_params, task.trainable)
+    opt_sh = _opt_state_shardings(tx, jax.eval_shape(tx.init, abstract_params), param_sh, mesh)
+    state_sh = TrainState(step=shd.replicated(mesh), params=param_sh, opt_state=opt_sh)
+
+    def fresh_state(key):
+        params = nn.meta.unbox(task.init(key))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    def init_state() -> TrainState:
+        with nn.logical_axis_rules(rules):
+            state = jax.jit(fresh_state, out_shardings=state_sh)(init_rng)
+        if task.load_pretrained is None:
+            return state
+        params = shd.put_global(task.load_pretrained(_to_host_tree(state.params)), param_sh)
+        return jax.jit(lambda p: TrainState(state.step, p, tx.init(p)), out_shardings=state_sh)(params)
+
+    batch_sh, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
+    return Compiled(
+        mesh=mesh,
+        state_sh=state_sh,
+        param_sh=param_sh,
+        abstract_state=abstract_with_shardings(jax.eval_shape(fresh_state, init_rng), state_sh),
+        init_state=init_state,
+        train_step=jax.jit(
+            make_train_step(task, tx, schedule, mask),
+            in_shardings=(state_sh, batch_sh, rep),
+            out_shardings=(state_sh, rep),
+            donate_argnums=(0,),
+        ),
+        predict_step=jax.jit(task.predict, in_shardings=(param_sh, batch_sh), out_shardings=batch_sh),
+        rng=shd.put_global(jax.random.key_data(train_rng), rep),
+        num_params=count_params(abstract_params),
+        num_trainable=count_params(abstract_params, mask),
+    )
+
+
+def train_and_evaluate(config, workdir: str, task: Task) -> dict:
+    """Trains `task` as `config` says, in `workdir`; returns the final results dict."""
+    os.makedirs(workdir, exist_ok=True)
+    save_config(config, workdir)
+    main = is_main_process()
+    num_steps = int(config.num_train_steps)
+    c = compile_task(config, task)
+    mesh = c.mesh
+
+    ckpt = Checkpointer(
+        workdir, config.checkpoint.keep, config.checkpoint.best_metric, config.checkpoint.best_mode,
+        config.checkpoint.async_save,
+    )
+    restored = ckpt.restore(c.abstract_state)
+    ds = pipeline.train_dataset(
+        task.train_source, config.batch_size, config.seed, jax.process_index(), jax.process_count(), task.augment
+    )
+    it = pipeline.train_iterator(ds, prefetch=config.data.prefetch)
+    if restored is None:
+        state, start_step = c.init_state(), 0
+    else:
+        state, data_state = restored
+        it.set_state(data_state)
+        start_step = int(jax.device_get(state.step))
+        if main:
+            print(f"[jdjax] resumed from {workdir} at step {start_step}", flush=True)
+    if main:
+        print(f"[jdjax] {config.task}: {c.num_params:,} parameters, {c.num_trainable:,} trainable; mesh "
+              f"{dict(mesh.shape)}; {jax.device_count()} devices on {jax.process_count()} process(es); "
+              f"workdir {workdir}", flush=True)
+    train_step, train_rng = c.train_step, c.rng
+
+    def run_eval(params, split):
+        return evaluate(c.predict_step, params, task.eval_sources[split], config.eval_batch_size, mesh, task.summarize)
+
+    writer = MetricWriter(workdir, tensorboard=config.logging.tensorboard)
+    bar = progress_bar(num_steps, start_step, desc=config.task)
+    chrono = Chrono()
+    history: list[dict] = []
+    pending = None  # the previous step's (step, metrics), fetched one step late to keep the device busy
+    status = "completed"
+
+    def consume(step, metrics):
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(host["loss"]):
+            raise NonFiniteLossError(
+                f"the training loss became {host['loss']} at step {step}. Training stopped; the last good "
+                f"checkpoint (step {ckpt.latest_step()}) is kept in {workdir}/ckpt. Lower the learning rate "
+                "or enable gradient clipping (--config.optimizer.grad_clip_norm), then rerun to resume."
+            )
+        history.append(host)
+        bar.update(1)
+        if step % config.logging.every_steps == 0 or step == num_steps:
+            mean = {f"train/{k}": float(np.mean([h[k] for h in history])) for k in history[0]}
+            mean["train/steps_per_second"] = chrono.rate()
+            history.clear()
+            writer.write(step, mean)
+            bar.set_postfix(loss=f"{mean['train/loss']:.4f}", refresh=False)
+
+    def checkpoint(step):
+        if pending is not None:
+            consume(*pending)
+        ckpt.save(step, state, it.get_state())
+
+    with _Preemption() as preemption:
+        try:
+            for step in range(start_step + 1, num_steps + 1):
+                batch = shd.global_batch_from_local(next(it), mesh)
+                t0 = time.perf_counter()
+                state, metrics = train_step(state, batch, train_rng)
+                if chrono.compile_seconds is None:
+                    jax.block_until_ready(metrics)
+                    chrono.compile_seconds = time.perf_counter() - t0
+                    writer.write(step, {"compile_seconds": chrono.compile_seconds})
+                    chrono.start()
+                if pending is not None:
+                    consume(*pending)
+                pending = (step, metrics)
+                chrono.tick()
+                if step % config.eval_every_steps == 0 or step == num_steps:
+                    consume(*pending)
+                    pending = None
+                    val = run_eval(state.params, "val")
+                    writer.write(step, {f"val/{k}": v for k, v in val.items()})
+                    if ckpt.improves({f"val/{k}": v for k, v in val.items()}):
+                        ckpt.save_best(step, state, {f"val/{k}": v for k, v in val.items()})
+                    chrono.start()
+                if step % config.checkpoint.every_steps == 0 or step == num_steps:
+                    checkpoint(step)
+                    pending = None
+                if (step % config.logging.every_steps == 0 or jax.process_count() == 1) and preemption.agreed():
+                    checkpoint(step)
+                    pending = None
+                    status = "preempted"
+                    if main:
+                        print(f"\n[jdjax] SIGTERM: saved step {step} to {workdir}/ckpt; rerun the same command to resume.", flush=True)
+                    break
+            if pending is not None:
+                consume(*pending)
+        finally:
+            bar.close()
+            ckpt.wait()
+
+    results = {"status": status, "step": int(jax.device_get(state.step)), "params": c.num_params,
+               "trainable_params": c.num_trainable}
+    if status == "completed":
+        results.update(_final_report(ckpt, c.abstract_state, run_eval, task, writer))
+        if main:
+            with open(os.path.join(workdir, "results.json"), "w") as f:
+                json.dump(results, f, indent=2)
+            if task.report is not None:
+                task.report(workdir, results)
+    writer.close()
+    ckpt.close()
+    return results
+
+
+def _final_report(ckpt: Checkpointer, abstract_state, run_eval, task: Task, writer) -> dict:
+    """Evaluates the checkpoint chosen on validation: on val again and, if present, on test."""
+    best = ckpt.restore(abstract_state, best=True)
+    if best is None:
+        return {}
+    state, _ = best
+    out = {"selected_step": ckpt.best_step, "selected_by": ckpt.best_metric}
+    for split in task.eval_sources:
+        metrics = run_eval(state.params, split)
+        out.update({f"{split}/{k}": v for k, v in metrics.items()})
+    writer.write(ckpt.best_step, {f"final/{k}": v for k, v in out.items() if isinstance(v, float)})
+    if is_main_process():
+        print(f"[jdjax] checkpoint selected on {ckpt.best_metric} (step {ckpt.best_step}): "
+              + ", ".join(f"{k}={v:.4f}" for k, v in out.items() if isinstance(v, float)), flush=True)
+    return out
+
+
+def _opt_state_shardings(tx, abstract_opt, param_shardings, mesh):
+    """Optimizer-state leaves shaped like a parameter take its sharding; the rest are replicated."""
+    import optax
+
+    rep = shd.replicated(mesh)
+    return optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: rep,
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+    )

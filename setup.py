@@ -1,0 +1,32 @@
+"""jdjax: JAX/Flax reimplementations of ten JD.com research methods."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="jdjax",
+    version="0.1.0",
+    description="JAX/Flax reimplementations of JD.com research methods (token merging, CTR, bandits, ads).",
+    packages=find_packages(include=["jdjax", "jdjax.*"]),
+    python_requires=">=3.10,<3.13",
+    install_requires=[
+        "jax>=0.7,<0.11",
+        "flax>=0.11,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "chex>=0.1.89",
+        "einops>=0.8",
+        "ml_collections>=1.0",
+        "absl-py>=2.1",
+        "numpy>=1.26,<3",
+        "grain>=0.2.12,<0.3",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "scikit-learn>=1.4",  # embedded data: the bundled handwritten digits and sample photos
+        "matplotlib>=3.8",  # plots written into the workdir
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "tfds": ["tensorflow-datasets>=4.9.7"],
+        "convert": ["torch>=2.3", "transformers>=4.44"],
+    },
+)
