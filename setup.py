@@ -23,9 +23,17 @@ setup(
         "tensorboardX>=2.6",
         "scikit-learn>=1.4",  # embedded data: the bundled handwritten digits and sample photos
         "matplotlib>=3.8",  # plots written into the workdir
+        "regex>=2023.0",  # the CLIP tokenizer's Unicode classes
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # The test extra installs what the reader and parity tests need, so CI runs them all.
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "tensorflow-datasets>=4.9.7",
+            "torch==2.13.0",
+            "transformers>=4.44",
+        ],
         "tfds": ["tensorflow-datasets>=4.9.7"],
         "convert": ["torch>=2.3", "transformers>=4.44"],
     },

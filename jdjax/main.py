@@ -41,8 +41,8 @@ def maybe_initialize_distributed(config) -> None:
         return
     import jax
 
-    if os.environ.get("JDJAX_CPU_COLLECTIVES", "gloo") and jax.config.jax_platforms in (None, "", "cpu"):
-        jax.config.update("jax_cpu_collectives_implementation", os.environ.get("JDJAX_CPU_COLLECTIVES", "gloo"))
+    # Collectives between CPU devices of different processes (tests, local runs); no effect on GPU/TPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {}
     if d.coordinator_address:
         kwargs["coordinator_address"] = d.coordinator_address
@@ -129,9 +129,11 @@ def run(config, workdir: str) -> dict:
 def parse_flags(argv):
     try:
         return flags.FLAGS(argv)
-    except flags.Error as e:
-        fail(f"{e}\nRun `python -m jdjax.main --helpfull` for the flags; config overrides must name existing "
-             "keys with values of the same type, e.g. --config.optimizer.learning_rate=3e-4.")
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        bad = [a for a in argv[1:] if a.startswith("--config.")]
+        fail(f"could not apply the flags {bad or argv[1:]}: {type(e).__name__}: {e}\nConfig overrides must name "
+             "existing keys (the config is locked) with values of the same type, e.g. "
+             "--config.optimizer.learning_rate=3e-4; `python -m jdjax.main --helpfull` lists the flags.")
 
 
 def main(argv):

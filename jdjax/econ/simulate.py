@@ -155,6 +155,12 @@ def criteo_world(key, log_click_time, log_delay, cvr, delay_rate, horizon: int) 
     return World(times, delay, jnp.isfinite(delay).mean(0))
 
 
+@functools.partial(jax.jit, static_argnames="horizon")
+def criteo_worlds(keys, log_click_time, log_delay, cvr, delay_rate, horizon: int) -> World:
+    """`criteo_world` for each key [R], one after the other (each one draws from the whole log)."""
+    return jax.lax.map(lambda k: criteo_world(k, log_click_time, log_delay, cvr, delay_rate, horizon), keys)
+
+
 class CriteoLog(NamedTuple):
     click_time: np.ndarray  # [M] float64 seconds
     delay: np.ndarray  # [M] float64 conversion delay in seconds; inf = no conversion
@@ -373,6 +379,12 @@ def _check_config(cfg):
         )
     if cfg.num_replications < 1 or cfg.chunk_size < 1:
         raise ValueError("config.num_replications and config.chunk_size must be >= 1.")
+    for field in ("horizon", "criteo_horizon"):
+        if cfg[field] <= cfg.t_min + cfg.batch_size:
+            raise ValueError(
+                f"config.{field}={cfg[field]} leaves no update: it must exceed t_min + batch_size = "
+                f"{cfg.t_min + cfg.batch_size}, the rows assigned at random before the first update."
+            )
     df.stop_decision(np.zeros((1, 1)), np.zeros(1), cfg.stop_rule, cfg.stop_threshold)  # raises on unknown rules
 
 
@@ -390,9 +402,8 @@ def _make_worlds(cfg, names, horizon, criteo_log):
         scenario = SCENARIOS[name]
         keys = _replication_keys(cfg.seed, name, cfg.num_replications, 0)
         if scenario.criteo:
-            click_time, delay = jnp.asarray(criteo_log.click_time), jnp.asarray(criteo_log.delay)
-            make = jax.jit(lambda k: criteo_world(k, click_time, delay, scenario.cvr, scenario.delay_rate, horizon))
-            worlds.append(jax.lax.map(make, keys))
+            log = (jnp.asarray(criteo_log.click_time), jnp.asarray(criteo_log.delay))
+            worlds.append(criteo_worlds(keys, *log, jnp.asarray(scenario.cvr), jnp.asarray(scenario.delay_rate), horizon))
         else:
             make = lambda k: synthetic_world(k, scenario.cvr, scenario.delay_rate, scenario.weibull_shape, horizon)
             worlds.append(jax.jit(jax.vmap(make))(keys))
@@ -453,6 +464,11 @@ def run_delayed_feedback(cfg, workdir: str) -> dict:
     _check_config(cfg)
     names = cfg.scenarios.split(",")
     criteo_log = read_criteo_log(cfg.criteo_path) if "criteo" in names else None
+    if criteo_log is not None and criteo_log.delay.shape[0] < cfg.criteo_horizon:
+        raise ValueError(
+            f"{cfg.criteo_path} has {criteo_log.delay.shape[0]} clicks, fewer than config.criteo_horizon="
+            f"{cfg.criteo_horizon} (rows are drawn without replacement); lower criteo_horizon."
+        )
     groups = {}
     for name in names:
         horizon = cfg.criteo_horizon if SCENARIOS[name].criteo else cfg.horizon

@@ -1,0 +1,184 @@
+"""Online experiment API: estimates, restart equality, atomic saves and bad events (spec P1)."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from jdjax.econ import experiment as ex
+from jdjax.econ.experiment import Click, Conversion, Experiment
+
+ARMS = ("a", "b", "c")
+CVR = {"a": 0.5, "b": 0.3, "c": 0.2}
+MEAN_DELAY = {"a": 300.0, "b": 200.0, "c": 100.0}
+
+
+def traffic(exp, rng, start, batches, batch=100, pending=None):
+    """Requests at one per time unit, all clicked at once; conversions arrive late and are
+    delivered (out of order) once their time has passed. Returns the assignments and the
+    conversions still pending."""
+    pending = [] if pending is None else pending
+    assigned = []
+    for j in range(batches):
+        now = float(start + j * batch)
+        due = [p for p in pending if p[1] <= now]
+        pending = [p for p in pending if p[1] > now]
+        rng.shuffle(due)
+        exp.record([Conversion(c, t) for c, t in due])
+        ids = [f"r{int(now) + i}" for i in range(batch)]
+        arms = exp.assign(ids, now)
+        assigned += arms
+        exp.record([Click("c" + r[1:], r, now, arm) for r, arm in zip(ids, arms)])
+        for r, arm in zip(ids, arms):
+            if rng.uniform() < CVR[arm]:
+                pending.append(("c" + r[1:], now + rng.exponential(MEAN_DELAY[arm])))
+    return assigned, pending
+
+
+def test_estimates_and_recommendation():
+    exp = Experiment(ARMS, delay_rate_init=0.01, seed=1)
+    assigned, _ = traffic(exp, np.random.default_rng(0), 0, 30)
+    est = exp.estimates(now=3000.0)
+    assert sum(e["requests"] for e in est.values()) == 3000 and sum(e["clicks"] for e in est.values()) == 3000
+    assert est["a"]["cvr"] == pytest.approx(0.5, abs=0.06)
+    assert est["a"]["delay_rate"] == pytest.approx(1 / 300, rel=0.3)
+    assert est["a"]["naive_cvr"] < est["a"]["cvr"]  # pending conversions make the naive rate low
+    assert sum(e["prob_best"] for e in est.values()) == pytest.approx(1.0)
+    assert assigned.count("a") > assigned.count("c")
+    rec = exp.recommendation(now=3000.0)
+    assert rec["decided"] and rec["arm"] == "a" and rec["prob_best"] >= 0.95 and rec["rule"] == "prob_best"
+    assert exp.estimates(now=3000.0) == est  # reports do not change the state
+
+
+def test_fresh_experiment_reports_without_nan():
+    exp = Experiment(ARMS)
+    est = exp.estimates(now=0.0)
+    for e in est.values():
+        assert e["cvr"] == 0.0 and e["delay_rate"] is None and e["clicks"] == 0
+    assert sum(e["prob_best"] for e in est.values()) == pytest.approx(1.0)
+    assert not exp.recommendation(now=0.0)["decided"]
+    exp.assign(["r1"], now=1.0)
+    exp.record([Click("c1", "r1", 2.0)])
+    assert all(math.isfinite(v["cvr"]) for v in exp.estimates(now=5.0).values())
+
+
+def test_restart_continues_exactly(tmp_path):
+    path = str(tmp_path / "exp.json")
+    straight = Experiment(ARMS, seed=3)
+    arms_straight, _ = traffic(straight, np.random.default_rng(5), 0, 12)
+
+    first = Experiment(ARMS, seed=3)
+    rng = np.random.default_rng(5)
+    arms_first, pending = traffic(first, rng, 0, 6)
+    first.save(path)
+    del first
+    restored = Experiment.load(path)
+    arms_second, _ = traffic(restored, rng, 600, 6, pending=pending)
+
+    assert arms_first + arms_second == arms_straight
+    assert json.dumps(restored.to_json()) == json.dumps(straight.to_json())
+    assert restored.estimates(now=1200.0) == straight.estimates(now=1200.0)
+    # An event the platform re-sends after the restart is refused, not counted twice.
+    with pytest.raises(ValueError, match="duplicate click"):
+        restored.record([Click("c5", "r5", 0.0)])
+    assert json.dumps(restored.to_json()) == json.dumps(straight.to_json())
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "exp.json")
+    exp = Experiment(ARMS)
+    exp.assign(["r1", "r2"], now=1.0)
+    exp.save(path)
+    before = open(path).read()
+    exp.record([Click("c1", "r1", 2.0)])
+
+    def broken_dump(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ex.json, "dump", broken_dump)
+    with pytest.raises(OSError, match="disk full"):
+        exp.save(path)
+    assert open(path).read() == before
+    assert os.listdir(tmp_path) == ["exp.json"]  # no temporary file left behind
+
+
+def test_load_rejects_broken_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        Experiment.load(str(tmp_path / "missing.json"))
+    path = tmp_path / "exp.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="broken JSON"):
+        Experiment.load(str(path))
+    exp = Experiment(ARMS)
+    exp.assign(["r1"], now=1.0)
+    data = exp.to_json()
+    data["clicks"] = [["c1", "r-unknown", 2.0]]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="not a valid experiment state.*unknown request"):
+        Experiment.load(str(path))
+
+
+def bad_event_cases():
+    return [
+        ("click for unknown request", [Click("c9", "nope", 5.0)], "unknown request"),
+        ("unknown arm", [Click("c9", "r2", 5.0, arm="zzz")], "unknown arm"),
+        ("wrong arm", [Click("c9", "r2", 5.0, arm="WRONG")], None),
+        ("unknown click", [Conversion("nope", 9.0)], "unknown click"),
+        ("conversion before click", [Conversion("c1", 1.5)], "before the click"),
+        ("click before request", [Click("c9", "r2", 0.5)], "before its request"),
+        ("negative time", [Click("c9", "r2", -1.0)], ">= 0"),
+        ("nan time", [Conversion("c1", float("nan"))], "finite"),
+        ("duplicate click id", [Click("c1", "r2", 5.0)], "duplicate click"),
+        ("second click on a request", [Click("c9", "r1", 5.0)], "already has click"),
+        ("duplicate conversion", [Conversion("c1", 9.0), Conversion("c1", 9.5)], "duplicate conversion"),
+        ("bad event type", [("c1", 9.0)], "Click or Conversion"),
+        ("good then bad", [Click("c9", "r2", 5.0), Conversion("c9", 6.0), Conversion("c404", 7.0)], "unknown click"),
+    ]
+
+
+@pytest.mark.parametrize("name,events,message", bad_event_cases(), ids=[c[0] for c in bad_event_cases()])
+def test_bad_events_raise_and_leave_state_unchanged(name, events, message):
+    exp = Experiment(ARMS, seed=0)
+    arms = exp.assign(["r1", "r2", "r3"], now=1.0)
+    exp.record([Click("c1", "r1", 2.0)])
+    if name == "wrong arm":
+        wrong = next(a for a in ARMS if a != arms[1])
+        events, message = [Click("c9", "r2", 5.0, arm=wrong)], "was assigned"
+    before = json.dumps(exp.to_json())
+    with pytest.raises(ValueError, match=message):
+        exp.record(events)
+    assert json.dumps(exp.to_json()) == before
+
+
+def test_bad_calls_raise_and_leave_state_unchanged():
+    exp = Experiment(ARMS)
+    exp.assign(["r1"], now=10.0)
+    exp.record([Click("c1", "r1", 12.0)])
+    before = json.dumps(exp.to_json())
+    for call, message in [
+        (lambda: exp.assign(["r1"], now=20.0), "already assigned"),
+        (lambda: exp.assign(["r2", "r2"], now=20.0), "already assigned"),
+        (lambda: exp.assign([], now=20.0), "at least one"),
+        (lambda: exp.assign(["r2"], now=11.0), "earlier than the latest"),
+        (lambda: exp.assign(["r2"], now=-3.0), ">= 0"),
+        (lambda: exp.assign([""], now=20.0), "non-empty string"),
+        (lambda: exp.estimates(now=11.0), "earlier than the latest"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            call()
+        assert json.dumps(exp.to_json()) == before
+
+
+def test_bad_experiment_definitions():
+    with pytest.raises(ValueError, match="two distinct"):
+        Experiment(["a", "a"])
+    with pytest.raises(ValueError, match="unknown arm"):
+        Experiment(ARMS, prior={"a": (1, 1), "b": (1, 1), "c": (1, 1), "d": (1, 1)})
+    with pytest.raises(ValueError, match="no value"):
+        Experiment(ARMS, cvr_init={"a": 0.1})
+    with pytest.raises(ValueError, match="stopping rule"):
+        Experiment(ARMS, stop_rule="gut feeling")
+    exp = Experiment(ARMS, prior={"a": (2, 5), "b": (1, 1), "c": (1, 1)}, delay_rate_init=[0.1, 0.01, 0.001])
+    assert exp.to_json()["prior"][0] == [2.0, 5.0]
