@@ -1,6 +1,6 @@
 """A plain ViT image classifier on embedded data (the foundation's reference task).
 
-    python -m jdjax.main --config=configs/vit.py                  # digits, ~97 % test accuracy
+    python -m jdjax.main --config=configs/vit.py                  # digits: ~98 % test accuracy, ~4 min on 2 CPU cores
     python -m jdjax.main --config=configs/vit.py:smoke            # seconds, for CI
     python -m jdjax.main --config=configs/vit.py:shapes           # generated shapes, 32x32
     python -m jdjax.main --config=configs/vit.py:smoke,fsdp       # parameters sharded over devices
@@ -45,9 +45,9 @@ def get_config(arg=None):
         dict(name="vit", patch_size=2, width=64, depth=4, num_heads=4, mlp_dim=128, dropout=0.1, dtype="float32")
     )
     c.batch_size = 128
-    c.num_train_steps = 2000
+    c.num_train_steps = 3000
     c.eval_every_steps = 250
-    c.optimizer.learning_rate = 1e-3
+    c.optimizer.learning_rate = 3e-3
     c.optimizer.weight_decay = 0.05
     c.optimizer.warmup_steps = 100
 
