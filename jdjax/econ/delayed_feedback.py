@@ -23,7 +23,8 @@ The drivers in `simulate.py` and `experiment.py` do this.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -220,6 +221,9 @@ def decision_stats(key, a, b, num_draws: int) -> tuple[jax.Array, jax.Array]:
     return prob_best, value_remaining
 
 
+STOP_RULES = ("prob_best", "value_remaining")
+
+
 def stop_decision(prob_best, value_remaining, rule: str, threshold: float):
     """Our stopping rule (not in the paper or its code): 'prob_best' stops once max_k P(best) >=
     threshold (e.g. 0.95); 'value_remaining' stops once the 95th percentile of the relative value
@@ -228,7 +232,7 @@ def stop_decision(prob_best, value_remaining, rule: str, threshold: float):
         return prob_best.max(-1) >= threshold
     if rule == "value_remaining":
         return value_remaining <= threshold
-    raise ValueError(f"unknown stopping rule {rule!r}; use 'prob_best' or 'value_remaining'.")
+    raise ValueError(f"unknown stopping rule {rule!r}; use one of {STOP_RULES}.")
 
 
 # ----------------------------------------------------------------------------- softmax baselines
@@ -250,7 +254,7 @@ def ducb_probs(conversions, clicks, exposure, current_t, epsilon: float = 0.1) -
     return jnp.where(jnp.any(unexposed), unexposed / jnp.sum(unexposed), probs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gauss_legendre01(level: int) -> tuple[np.ndarray, np.ndarray]:
     """Gauss-Legendre nodes (ascending) and weights on [0, 1], [level] each."""
     nodes, weights = np.polynomial.legendre.leggauss(level)
@@ -341,7 +345,7 @@ def _softmax_assign_state(state: ArmState, key, num_requests: int):
     return softmax_assign(key, state.probs, num_requests)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_policy(name: str, *, em_cycles: int = EM_CYCLES, ucb_epsilon: float = 0.1, grid_level: int = 50) -> Policy:
     """The policies of the paper by name (see POLICY_LABELS). Cached, so equal arguments give the
     same object (it is a static argument of the jitted simulator)."""

@@ -27,7 +27,8 @@ import math
 import numbers
 import os
 import tempfile
-from typing import Iterable, NamedTuple, Sequence
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +77,7 @@ class Experiment:
     """A D-TS experiment over named arms.
 
     prior: Beta prior (a, b) of each arm's CVR, one pair for all arms or {arm: (a, b)};
-    cvr_init, delay_rate_init: where the EM starts (scalar or {arm: value}); em_cycles: EM rounds
+    cvr_init, delay_rate_init: where the EM starts (scalar, [K] or {arm: value}); em_cycles: EM rounds
     per update; seed: drives every posterior draw; stop_rule / stop_threshold: our stopping rule,
     'prob_best' (stop when max P(best) >= threshold) or 'value_remaining' (stop when the 95th
     percentile of the relative value remaining <= threshold); draws: Monte-Carlo draws for P(best).
@@ -100,16 +101,17 @@ class Experiment:
             raise ValueError(f"an experiment needs at least two distinct arm names, got {list(arms)}.")
         self.arms = arms
         self._index = {a: k for k, a in enumerate(arms)}
-        prior = np.asarray(self._per_arm(prior, "prior", pair=True), float)
-        if prior.shape != (len(arms), 2) or not np.all(np.isfinite(prior) & (prior > 0)):
-            raise ValueError(f"prior parameters must be finite and > 0, got {prior.tolist()}.")
+        pairs = np.asarray(self._per_arm(prior, "prior", pair=True), float)
+        if pairs.shape != (len(arms), 2) or not np.all(np.isfinite(pairs) & (pairs > 0)):
+            raise ValueError(f"prior must be one (a, b) pair or {{arm: (a, b)}} with finite a, b > 0; got {prior!r}.")
         cvr = self._per_arm(cvr_init, "cvr_init")
         rate = self._per_arm(delay_rate_init, "delay_rate_init")
         if not all(0 < c <= 1 for c in cvr) or not all(0 < r < math.inf for r in rate):
             raise ValueError(f"need 0 < cvr_init <= 1 and 0 < delay_rate_init < inf, got {cvr} and {rate}.")
         if not isinstance(em_cycles, int) or em_cycles < 1 or not isinstance(draws, int) or draws < 1:
             raise ValueError(f"em_cycles and draws must be integers >= 1, got {em_cycles!r} and {draws!r}.")
-        df.stop_decision(np.zeros(1), np.zeros(()), stop_rule, stop_threshold)  # raises on unknown rules
+        if stop_rule not in df.STOP_RULES:
+            raise ValueError(f"unknown stopping rule {stop_rule!r}; use one of {df.STOP_RULES}.")
         self.settings = {
             "seed": int(seed),
             "em_cycles": em_cycles,
@@ -117,7 +119,7 @@ class Experiment:
             "stop_threshold": float(stop_threshold),
             "draws": draws,
         }
-        self._prior = prior  # [K, 2]
+        self._prior = pairs  # [K, 2]
         self._delay_rate = np.asarray(rate, float)  # [K] EM warm start
         self._cvr = np.asarray(cvr, float)  # [K]
         self._n_updates = 0
@@ -205,7 +207,7 @@ class Experiment:
                     raise ValueError(f"conversion of click {cid!r} at {t} is before the click at {click[1]}.")
                 conversions[cid] = t
             else:
-                raise ValueError(f"events must be Click or Conversion, got {event!r}.")
+                raise TypeError(f"events must be Click or Conversion, got {event!r}.")
             latest = max(latest, t)
         self._clicks.update(clicks)
         self._click_of_request.update(click_of_request)
@@ -305,7 +307,7 @@ class Experiment:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> "Experiment":
+    def from_json(cls, data: dict) -> Experiment:
         """Inverse of `to_json`; every event is validated again. Raises ValueError on bad data."""
         try:
             if data.get("format") != FORMAT:
@@ -339,7 +341,7 @@ class Experiment:
             if not isinstance(n_updates, int) or n_updates < 0:
                 raise ValueError(f"n_updates must be an integer >= 0, got {n_updates!r}")
             exp._n_updates = n_updates
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"not a valid experiment state ({type(e).__name__}: {e}).") from None
         return exp
 
@@ -359,7 +361,7 @@ class Experiment:
             raise
 
     @classmethod
-    def load(cls, path: str) -> "Experiment":
+    def load(cls, path: str) -> Experiment:
         """Restores an experiment written by `save`."""
         try:
             with open(path) as f:

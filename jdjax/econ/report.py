@@ -5,14 +5,10 @@ from __future__ import annotations
 import json
 import os
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-import numpy as np  # noqa: E402
-
-from jdjax.econ.delayed_feedback import POLICY_LABELS  # noqa: E402
-
+from jdjax.econ.delayed_feedback import POLICY_LABELS
 
 
 def regret_table(results, reference=None) -> list[dict]:
@@ -78,9 +74,11 @@ def write_table(table: dict, workdir: str) -> None:
 def plot_regret_curves(results, path: str, t_min: int = 100) -> None:
     """One panel per scenario: mean cumulative regret per policy with its 10-90% band, log x-axis
     from row t_min (as released). results: as for `regret_table`.
-    The y-axis stops above the highest non-Random band, as in the released figures.
+    The y-axis stops above the highest non-Random band, as in the released figures. Uses a bare
+    Figure, not pyplot: the PNG renders with Agg and no global backend is switched.
     """
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    fig = Figure(figsize=(5 * len(results), 4))
+    axes = fig.subplots(1, len(results), squeeze=False)
     for ax, (scenario, runs) in zip(axes[0], results.items()):
         top = 0.0
         for policy, run in runs.items():
@@ -100,4 +98,3 @@ def plot_regret_curves(results, path: str, t_min: int = 100) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

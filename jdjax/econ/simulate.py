@@ -12,11 +12,13 @@ is expected regret, sum_t (max_k p_k - p_{a_t}).
 * `dts_reference_loop` is a plain per-request NumPy loop of the same D-TS algorithm: the
   reference in tests and the baseline of the speed benchmark.
 * `read_criteo_log` reads Criteo's conversion logs (Chapelle 2014) for the Criteo scenario.
-* `run_delayed_feedback(cfg, workdir)` is the task entry point (configs/delayed_feedback.py).
+* `run_delayed_feedback(cfg, workdir)` is the task entry point (configs/delayed_feedback.py);
+  `config_errors(cfg)` lists what is wrong with a config before anything runs.
 """
 
 from __future__ import annotations
 
+import array
 import functools
 import gzip
 import math
@@ -131,6 +133,12 @@ def synthetic_world(key, cvr, delay_rate, weibull_shape, horizon: int) -> World:
     return World(jnp.arange(1, horizon + 1, dtype=cvr.dtype), jnp.where(converts, delay, jnp.inf), cvr)
 
 
+@functools.partial(jax.jit, static_argnames="horizon")
+def synthetic_worlds(keys, cvr, delay_rate, weibull_shape, horizon: int) -> World:
+    """`synthetic_world` for each key [R]."""
+    return jax.vmap(lambda k: synthetic_world(k, cvr, delay_rate, weibull_shape, horizon))(keys)
+
+
 def _sample_without_replacement(key, population: int, size: int) -> jax.Array:
     """Uniform subset of `size` indices out of `population` (top-k of iid uniform keys)."""
     return jax.lax.top_k(jax.random.uniform(key, (population,), jnp.result_type(float)), size)[1]
@@ -179,7 +187,7 @@ def read_criteo_log(path: str) -> CriteoLog:
             "(data.txt, Chapelle 2014) and pass its path as --config.criteo_path, or leave 'criteo' "
             "out of --config.scenarios."
         )
-    clicks, delays = [], []
+    clicks, delays = array.array("d"), array.array("d")  # 8 bytes a value: the full log has ~16M lines
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
         for line_no, line in enumerate(f, 1):
@@ -199,7 +207,7 @@ def read_criteo_log(path: str) -> CriteoLog:
             delays.append(delay)
     if not clicks:
         raise ValueError(f"Criteo conversion log {path!r} is empty.")
-    return CriteoLog(np.asarray(clicks), np.asarray(delays))
+    return CriteoLog(np.frombuffer(clicks, float).copy(), np.frombuffer(delays, float).copy())
 
 
 # ----------------------------------------------------------------------------- simulation
@@ -366,26 +374,34 @@ def summarize_decisions(prob_best, value_remaining, starts, horizon, true_best, 
     return decision_time, decided, chosen == true_best
 
 
-def _check_config(cfg):
-    unknown = [s for s in cfg.scenarios.split(",") if s not in SCENARIOS]
+def config_errors(cfg) -> list[str]:
+    """Problems with a delayed-feedback config (configs/delayed_feedback.py); empty when it is good."""
+    errors = []
+    names = cfg.scenarios.split(",")
+    unknown = [s for s in names if s not in SCENARIOS]
     if unknown:
-        raise ValueError(f"unknown scenario(s) {unknown} in config.scenarios; known: {', '.join(SCENARIOS)}.")
-    for name in cfg.policies.split(","):
-        df.make_policy(name)  # raises on unknown names
-    if "criteo" in cfg.scenarios.split(",") and not cfg.criteo_path:
-        raise ValueError(
+        errors.append(f"unknown scenario(s) {unknown} in config.scenarios; known: {', '.join(SCENARIOS)}.")
+    unknown = [p for p in cfg.policies.split(",") if p not in df.POLICY_LABELS]
+    if unknown:
+        errors.append(f"unknown policy(ies) {unknown} in config.policies; known: {', '.join(df.POLICY_LABELS)}.")
+    if "criteo" in names and not cfg.criteo_path:
+        errors.append(
             "scenario 'criteo' needs the Criteo conversion logs: set --config.criteo_path=/path/to/data.txt "
             "(Criteo Conversion Logs, Chapelle 2014), or drop 'criteo' from --config.scenarios."
         )
-    if cfg.num_replications < 1 or cfg.chunk_size < 1:
-        raise ValueError("config.num_replications and config.chunk_size must be >= 1.")
+    if cfg.criteo_path and not os.path.isfile(cfg.criteo_path):
+        errors.append(f"config.criteo_path={cfg.criteo_path!r} is not a file; point it at the Criteo data.txt.")
+    if cfg.num_replications < 1 or cfg.chunk_size < 1 or cfg.em_cycles < 1 or cfg.decision_draws < 1:
+        errors.append("config.num_replications, chunk_size, em_cycles and decision_draws must be >= 1.")
     for field in ("horizon", "criteo_horizon"):
         if cfg[field] <= cfg.t_min + cfg.batch_size:
-            raise ValueError(
+            errors.append(
                 f"config.{field}={cfg[field]} leaves no update: it must exceed t_min + batch_size = "
                 f"{cfg.t_min + cfg.batch_size}, the rows assigned at random before the first update."
             )
-    df.stop_decision(np.zeros((1, 1)), np.zeros(1), cfg.stop_rule, cfg.stop_threshold)  # raises on unknown rules
+    if cfg.stop_rule not in df.STOP_RULES:
+        errors.append(f"config.stop_rule={cfg.stop_rule!r}; use one of {df.STOP_RULES}.")
+    return errors
 
 
 def _replication_keys(seed: int, name: str, reps: int, stream: int) -> jax.Array:
@@ -401,12 +417,12 @@ def _make_worlds(cfg, names, horizon, criteo_log):
     for name in names:
         scenario = SCENARIOS[name]
         keys = _replication_keys(cfg.seed, name, cfg.num_replications, 0)
+        cvr, rate = jnp.asarray(scenario.cvr, float), jnp.asarray(scenario.delay_rate, float)
         if scenario.criteo:
             log = (jnp.asarray(criteo_log.click_time), jnp.asarray(criteo_log.delay))
-            worlds.append(criteo_worlds(keys, *log, jnp.asarray(scenario.cvr), jnp.asarray(scenario.delay_rate), horizon))
+            worlds.append(criteo_worlds(keys, *log, cvr, rate, horizon))
         else:
-            make = lambda k: synthetic_world(k, scenario.cvr, scenario.delay_rate, scenario.weibull_shape, horizon)
-            worlds.append(jax.jit(jax.vmap(make))(keys))
+            worlds.append(synthetic_worlds(keys, cvr, rate, scenario.weibull_shape, horizon))
     return jax.tree.map(lambda *x: jnp.concatenate(x), *worlds)
 
 
@@ -431,19 +447,10 @@ def _run_group(cfg, names, horizon, criteo_log, progress) -> dict:
         parts = []
         for lo in range(0, total, chunk):
             idx = np.minimum(np.arange(lo, lo + chunk), total - 1)  # pad the last chunk: one compiled shape
-            take = lambda x: x[idx]
-            trace = simulate(
-                policy,
-                schedule,
-                jax.tree.map(take, worlds),
-                keys[idx],
-                jax.tree.map(take, policy_init),
-                jax.tree.map(take, decision_init),
-                cfg.em_cycles,
-                cfg.decision_draws,
-            )
+            batch = jax.tree.map(functools.partial(jnp.take, indices=idx, axis=0), (worlds, keys, policy_init, decision_init))
+            trace = simulate(policy, schedule, *batch, cfg.em_cycles, cfg.decision_draws)
             n = min(chunk, total - lo)
-            parts.append(jax.tree.map(lambda x: np.asarray(x)[:n], (trace.regret, trace.prob_best, trace.value_remaining)))
+            parts.append(tuple(np.asarray(x)[:n] for x in (trace.regret, trace.prob_best, trace.value_remaining)))
             progress.update(1)
         seconds = (time.perf_counter() - started) / total
         regret, prob_best, value_remaining = (np.concatenate(p) for p in zip(*parts))
@@ -461,7 +468,9 @@ def run_delayed_feedback(cfg, workdir: str) -> dict:
     regret_table.md, regret_table.json and regret_curve.png into workdir. Returns what
     regret_table.json holds: {"rows": report.regret_table(...), "protocol": the config}.
     Config: configs/delayed_feedback.py."""
-    _check_config(cfg)
+    errors = config_errors(cfg)
+    if errors:
+        raise ValueError("invalid delayed-feedback config:\n  - " + "\n  - ".join(errors))
     names = cfg.scenarios.split(",")
     criteo_log = read_criteo_log(cfg.criteo_path) if "criteo" in names else None
     if criteo_log is not None and criteo_log.delay.shape[0] < cfg.criteo_horizon:

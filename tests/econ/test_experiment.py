@@ -91,7 +91,8 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     exp = Experiment(ARMS)
     exp.assign(["r1", "r2"], now=1.0)
     exp.save(path)
-    before = open(path).read()
+    with open(path) as f:
+        before = f.read()
     exp.record([Click("c1", "r1", 2.0)])
 
     def broken_dump(*args, **kwargs):
@@ -100,7 +101,8 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(ex.json, "dump", broken_dump)
     with pytest.raises(OSError, match="disk full"):
         exp.save(path)
-    assert open(path).read() == before
+    with open(path) as f:
+        assert f.read() == before
     assert os.listdir(tmp_path) == ["exp.json"]  # no temporary file left behind
 
 
@@ -133,7 +135,6 @@ def bad_event_cases():
         ("duplicate click id", [Click("c1", "r2", 5.0)], "duplicate click"),
         ("second click on a request", [Click("c9", "r1", 5.0)], "already has click"),
         ("duplicate conversion", [Conversion("c1", 9.0), Conversion("c1", 9.5)], "duplicate conversion"),
-        ("bad event type", [("c1", 9.0)], "Click or Conversion"),
         ("good then bad", [Click("c9", "r2", 5.0), Conversion("c9", 6.0), Conversion("c404", 7.0)], "unknown click"),
     ]
 
@@ -154,15 +155,18 @@ def test_bad_events_raise_and_leave_state_unchanged(name, events, message):
 
 def test_bad_calls_raise_and_leave_state_unchanged():
     exp = Experiment(ARMS)
-    exp.assign(["r1"], now=10.0)
+    exp.assign(["r1", "r2"], now=10.0)
     exp.record([Click("c1", "r1", 12.0)])
     before = json.dumps(exp.to_json())
+    with pytest.raises(TypeError, match="Click or Conversion"):
+        exp.record([Click("c2", "r2", 13.0), ("c1", 14.0)])
+    assert json.dumps(exp.to_json()) == before
     for call, message in [
         (lambda: exp.assign(["r1"], now=20.0), "already assigned"),
-        (lambda: exp.assign(["r2", "r2"], now=20.0), "already assigned"),
+        (lambda: exp.assign(["r3", "r3"], now=20.0), "already assigned"),
         (lambda: exp.assign([], now=20.0), "at least one"),
-        (lambda: exp.assign(["r2"], now=11.0), "earlier than the latest"),
-        (lambda: exp.assign(["r2"], now=-3.0), ">= 0"),
+        (lambda: exp.assign(["r3"], now=11.0), "earlier than the latest"),
+        (lambda: exp.assign(["r3"], now=-3.0), ">= 0"),
         (lambda: exp.assign([""], now=20.0), "non-empty string"),
         (lambda: exp.estimates(now=11.0), "earlier than the latest"),
     ]:
