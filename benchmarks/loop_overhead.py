@@ -3,9 +3,10 @@
     python -m benchmarks.loop_overhead            # records to benchmarks/RESULTS.md
     python -m benchmarks.loop_overhead --smoke    # a quick check, records nothing
 
-The full loop includes data loading, host-to-device transfer, metric fetching, logging (every
-50 steps), a checkpoint every 200 steps and the progress bar; eval runs only at the end and is
-excluded. The bare step reuses the loop's own jitted step on one fixed device batch.
+The full loop includes data loading and augmentation, host-to-device transfer, metric fetching,
+logging and checkpoints at the default config's cadence (every 50 and 500 steps) and the
+progress bar; eval runs only at the end and is excluded. The bare step reuses the loop's own
+jitted step on one fixed device batch.
 """
 
 import json
@@ -15,12 +16,11 @@ import time
 
 from absl import app, flags
 
-_STEPS = flags.DEFINE_integer("steps", 600, "Training steps for both measurements.")
+_STEPS = flags.DEFINE_integer("steps", 1500, "Training steps for both measurements.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Few steps; print but do not record.")
 
 
 def main(_):
-    os.environ.setdefault("JDJAX_NO_PROGRESS", "1")
     import jax
 
     from benchmarks import harness
@@ -34,8 +34,9 @@ def main(_):
     cfg = vit.get_config("smoke")
     cfg.num_train_steps = steps
     cfg.eval_every_steps = steps
-    cfg.logging.every_steps = 10 if _SMOKE.value else 50
-    cfg.checkpoint.every_steps = 20 if _SMOKE.value else 200
+    default = vit.get_config()
+    cfg.logging.every_steps = 10 if _SMOKE.value else default.logging.every_steps
+    cfg.checkpoint.every_steps = 20 if _SMOKE.value else default.checkpoint.every_steps
     task = classification.build(cfg)
 
     # Bare step: the loop's jitted train step on one fixed batch, `steps` steps per timing.

@@ -69,22 +69,25 @@ def progress_bar(total: int, initial: int, desc: str):
 
 
 class Chrono:
-    """Steps/s over the last interval and the first step's (compile) time."""
+    """Steps/s over log intervals; the first step (compilation) is timed apart."""
 
     def __init__(self):
         self.compile_seconds = None
-        self._t = None
-        self._steps = 0
+        self._t = time.perf_counter()
+
+    def first_step(self, outputs) -> float:
+        """Blocks on the first step's outputs; returns the seconds since construction."""
+        jax.block_until_ready(outputs)
+        seconds = time.perf_counter() - self._t
+        self.start()
+        return seconds
 
     def start(self):
         self._t = time.perf_counter()
-        self._steps = 0
 
-    def tick(self):
-        self._steps += 1
-
-    def rate(self) -> float:
-        dt = time.perf_counter() - self._t
-        rate = self._steps / dt if dt > 0 else float("nan")
-        self.start()
+    def rate(self, steps: int) -> float:
+        """Steps/s since the last start() or rate() call, for `steps` steps."""
+        now = time.perf_counter()
+        rate = steps / (now - self._t) if now > self._t else float("nan")
+        self._t = now
         return rate

@@ -212,66 +212,65 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
     bar = progress_bar(num_steps, start_step, desc=config.task)
     chrono = Chrono()
     history: list[dict] = []
-    pending = None  # the previous step's (step, metrics), fetched one step late to keep the device busy
+    # Metrics stay on device and are fetched in one transfer every log interval (or second), at
+    # evals, checkpoints and the end: the host never waits for a step it does not need.
+    pending: list[tuple[int, dict]] = []
+    last_flush = time.perf_counter()
+    every = config.logging.every_steps
     status = "completed"
 
-    def consume(step, metrics):
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not math.isfinite(host["loss"]):
-            raise NonFiniteLossError(
-                f"the training loss became {host['loss']} at step {step}. Training stopped; the last good "
-                f"checkpoint (step {ckpt.latest_step()}) is kept in {workdir}/ckpt. Lower the learning rate "
-                "or enable gradient clipping (--config.optimizer.grad_clip_norm), then rerun to resume."
-            )
-        history.append(host)
-        bar.update(1)
-        if step % config.logging.every_steps == 0 or step == num_steps:
-            mean = {f"train/{k}": float(np.mean([h[k] for h in history])) for k in history[0]}
-            mean["train/steps_per_second"] = chrono.rate()
-            history.clear()
-            writer.write(step, mean)
-            bar.set_postfix(loss=f"{mean['train/loss']:.4f}", refresh=False)
-
-    def checkpoint(step):
-        if pending is not None:
-            consume(*pending)
-        ckpt.save(step, state, it.get_state())
+    def flush():
+        """Fetches pending metrics; raises at the first non-finite loss; logs finished intervals."""
+        nonlocal last_flush
+        fetched = jax.device_get([m for _, m in pending])
+        for (step, _), metrics in zip(pending, fetched):
+            host = {k: float(v) for k, v in metrics.items()}
+            if not math.isfinite(host["loss"]):
+                raise NonFiniteLossError(
+                    f"the training loss became {host['loss']} at step {step}. Training stopped; the last good "
+                    f"checkpoint (step {ckpt.latest_step()}) is kept in {workdir}/ckpt. Lower the learning rate "
+                    "or enable gradient clipping (--config.optimizer.grad_clip_norm), then rerun to resume."
+                )
+            history.append(host)
+            if step % every == 0 or step == num_steps:
+                mean = {f"train/{k}": float(np.mean([h[k] for h in history])) for k in history[0]}
+                mean["train/steps_per_second"] = chrono.rate(len(history))
+                history.clear()
+                writer.write(step, mean)
+                bar.set_postfix(loss=f"{mean['train/loss']:.4f}", refresh=False)
+        bar.update(len(pending))
+        pending.clear()
+        last_flush = time.perf_counter()
 
     with _Preemption() as preemption:
         try:
             for step in range(start_step + 1, num_steps + 1):
                 batch = shd.global_batch_from_local(next(it), mesh)
-                t0 = time.perf_counter()
                 state, metrics = train_step(state, batch, train_rng)
+                pending.append((step, metrics))
                 if chrono.compile_seconds is None:
-                    jax.block_until_ready(metrics)
-                    chrono.compile_seconds = time.perf_counter() - t0
+                    chrono.compile_seconds = chrono.first_step(metrics)
                     writer.write(step, {"compile_seconds": chrono.compile_seconds})
-                    chrono.start()
-                if pending is not None:
-                    consume(*pending)
-                pending = (step, metrics)
-                chrono.tick()
+                if step % every == 0 or len(pending) >= every or time.perf_counter() - last_flush > 1.0:
+                    flush()
                 if step % config.eval_every_steps == 0 or step == num_steps:
-                    consume(*pending)
-                    pending = None
-                    val = run_eval(state.params, "val")
-                    writer.write(step, {f"val/{k}": v for k, v in val.items()})
-                    if ckpt.improves({f"val/{k}": v for k, v in val.items()}):
-                        ckpt.save_best(step, state, {f"val/{k}": v for k, v in val.items()})
+                    flush()
+                    val = {f"val/{k}": v for k, v in run_eval(state.params, "val").items()}
+                    writer.write(step, val)
+                    if ckpt.improves(val):
+                        ckpt.save_best(step, state, val)
                     chrono.start()
                 if step % config.checkpoint.every_steps == 0 or step == num_steps:
-                    checkpoint(step)
-                    pending = None
-                if (step % config.logging.every_steps == 0 or jax.process_count() == 1) and preemption.agreed():
-                    checkpoint(step)
-                    pending = None
+                    flush()
+                    ckpt.save(step, state, it.get_state())
+                if (step % every == 0 or jax.process_count() == 1) and preemption.agreed():
+                    flush()
+                    ckpt.save(step, state, it.get_state())
                     status = "preempted"
                     if main:
                         print(f"\n[jdjax] SIGTERM: saved step {step} to {workdir}/ckpt; rerun the same command to resume.", flush=True)
                     break
-            if pending is not None:
-                consume(*pending)
+            flush()
         finally:
             bar.close()
             ckpt.wait()
