@@ -36,20 +36,21 @@ def default_workdir(config_arg: str) -> str:
 
 def maybe_initialize_distributed(config) -> None:
     """jax.distributed.initialize when config.distributed.initialize or JDJAX_DISTRIBUTED=1."""
-    d = config.distributed
-    if not (d.initialize or os.environ.get("JDJAX_DISTRIBUTED") == "1"):
+    d = config.get("distributed")
+    if not ((d is not None and d.initialize) or os.environ.get("JDJAX_DISTRIBUTED") == "1"):
         return
     import jax
 
     # Collectives between CPU devices of different processes (tests, local runs); no effect on GPU/TPU.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {}
-    if d.coordinator_address:
-        kwargs["coordinator_address"] = d.coordinator_address
-    if d.num_processes > 0:
-        kwargs["num_processes"] = d.num_processes
-    if d.process_id >= 0:
-        kwargs["process_id"] = d.process_id
+    if d is not None:  # empty fields: auto-detected (TPU pods, SLURM)
+        if d.coordinator_address:
+            kwargs["coordinator_address"] = d.coordinator_address
+        if d.num_processes > 0:
+            kwargs["num_processes"] = d.num_processes
+        if d.process_id >= 0:
+            kwargs["process_id"] = d.process_id
     jax.distributed.initialize(**kwargs)
 
 

@@ -250,7 +250,7 @@ def image_grid(image_size: int | Sequence[int] | None, patch_size: int) -> tuple
 
 
 def patch_embedding(images, patch_size: int, width: int, *, use_bias: bool, name: str, dtype, param_dtype,
-                    kernel_init=nn.initializers.lecun_normal()):
+                    kernel_init=None):
     """images [B, H, W, 3] -> (tokens [B, (H/P)(W/P), C], grid (H/P, W/P)); kernel [P, P, 3, C] (HWIO)."""
     p = patch_size
     b, height, width_px, _ = images.shape
@@ -264,7 +264,7 @@ def patch_embedding(images, patch_size: int, width: int, *, use_bias: bool, name
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=logical(kernel_init, (None, None, None, "embed")),
+        kernel_init=logical(kernel_init or nn.initializers.lecun_normal(), (None, None, None, "embed")),
         bias_init=logical(nn.initializers.zeros, ("embed",)),
         name=name,
     )(images.astype(dtype))  # [B, H/P, W/P, C]

@@ -6,6 +6,8 @@ import importlib
 
 TASKS = {
     "classification": "jdjax.tasks.classification",
+    "ctr": "jdjax.tasks.ctr",
+    "delayed_feedback": "jdjax.tasks.delayed_feedback",
 }
 
 

@@ -1,0 +1,270 @@
+"""A seeded click-log generator with planted structure for user-behaviour CTR models (KFAtt).
+
+    log = generate(SIZES["small"], seed=0)        # {'train', 'val', 'test'}: dicts of raw arrays
+    log["test"]["new"]                            # per-example slice flags
+
+World. C leaf categories in G groups (C/G categories per group, a two-level taxonomy); category
+popularity is Zipf-like, so some categories are rare ("infreq"). Every category c has a centre
+u_c = a_{g(c)} + noise (categories of one group are alike), a global preference vector m_c and
+a global bias b_c. Items belong to one category each, with latent z_i = u_c + N(0, I) (item
+ids are `c * items_per_category + j`). Users have one or two interest groups; their click
+history draws categories of those groups by popularity and items uniformly within a category.
+A fraction of users has a *habit*: one item of an interest group clicked again and again
+(`repeat_range` times), interleaved with the other clicks.
+
+Labels (the planted rule). An impression of item j of category c for user u is clicked with
+probability sigmoid(alpha <z_j, v*> + b_c + bias), where v* is the user's interest under c,
+the posterior mean of a KFAtt-freq measurement model with *known* parameters:
+
+    prior      v ~ N(m_c, 1/prior_precision)                    (global per-category preference)
+    sensors    each distinct history category c' with n clicks of mean latent z_bar:
+               system precision P(c, c') = same_precision (c' = c), group_precision (same group),
+               0 (other groups: irrelevant); random error variance random_var per click
+    v*       = (prior_precision m_c + sum_c' w_c' z_bar_c') / (prior_precision + sum_c' w_c'),
+               w_c' = 1 / (1/P(c, c') + random_var / n_c')
+
+so (1) a target whose category is absent from the history ("new") is driven by the global
+per-category preference m_c, b_c, mixed with same-group evidence in proportion to its
+strength: the prior of KFAtt-base helps there; (2) a habit item repeated n times counts as
+one capped sensor, not n measurements: frequency capping (KFAtt-freq) helps where a frequent
+same-group habit sits next to a rare relevant behaviour ("repeat"). Targets are drawn from a
+history category (40 %), the user's interest groups (30 %, half of them the habit's group for
+habit users) or global popularity (30 %). A clicked impression joins the user's history
+before the next one (a click log, in time order).
+
+Splits: 'time' (per user the last `eval_impressions` impressions are test, the ones before
+val, the rest train; the DIN/DIEN protocol, with two test impressions per user so that gAUC
+is defined) or 'user' (users split 80/10/10). Examples carry raw ids (`user`,
+`item`, `cat`, `hist_item`/`hist_cat` [N, maxlen] holding the most recent clicks, padded with
+-1), `label`, `time` (impression index), `oracle_logit` (the planted logit: the Bayes ceiling)
+and per-example slice flags: `new` (target category absent from the history), `repeat` (the
+history holds an item of another category of the target's group clicked >= repeat_flag times)
+and `infreq` (the target category is among the rarest: fewer training impressions than the
+`infreq_quantile` quantile over categories).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from jdjax.nn.ctr.features import SparseFeat, VarLenFeat
+
+PAD = -1
+
+
+@dataclass(frozen=True)
+class ClickLogSize:
+    num_users: int
+    num_categories: int
+    num_groups: int
+    items_per_category: int
+    impressions_per_user: int
+    eval_impressions: int = 2  # 'time' split: the last ones per user are test, the ones before val
+    history_range: tuple[int, int] = (3, 20)  # clicks before the first impression
+    maxlen: int = 30
+
+
+SIZES = {
+    "tiny": ClickLogSize(num_users=100, num_categories=12, num_groups=4, items_per_category=10, impressions_per_user=8, maxlen=12),
+    "small": ClickLogSize(num_users=5000, num_categories=40, num_groups=8, items_per_category=40, impressions_per_user=10),
+    "medium": ClickLogSize(num_users=30000, num_categories=60, num_groups=10, items_per_category=80, impressions_per_user=10),
+    "large": ClickLogSize(num_users=200000, num_categories=120, num_groups=20, items_per_category=150, impressions_per_user=10, maxlen=50),
+}
+
+
+@dataclass(frozen=True)
+class Planted:
+    """Constants of the planted world and label rule (see the module docstring)."""
+
+    latent_dim: int = 8
+    category_noise: float = 0.7  # spread of category centres around their group centre
+    habit_fraction: float = 0.35  # users with a habit item
+    repeat_range: tuple[int, int] = (8, 20)
+    prior_precision: float = 1.0
+    same_precision: float = 4.0
+    group_precision: float = 0.5
+    random_var: float = 1.0
+    alpha: float = 0.35  # scale of <z_j, v*>
+    bias: float = -1.5
+    repeat_flag: int = 5  # `repeat` slice: another same-group item clicked at least this often
+    infreq_quantile: float = 0.25
+
+
+def features(embedding_dim: int, maxlen: int) -> tuple:
+    """The feature declarations of the click log (item and category tables shared with history)."""
+    return (
+        SparseFeat("user", embedding_dim),
+        SparseFeat("item", embedding_dim),
+        SparseFeat("cat", embedding_dim),
+        VarLenFeat("hist_item", maxlen, embedding_dim, embedding_name="item", pad_value=PAD),
+        VarLenFeat("hist_cat", maxlen, embedding_dim, embedding_name="cat", pad_value=PAD),
+    )
+
+
+class World:
+    """The world of one seed: taxonomy, popularity, latents z_i, preferences m_c, biases b_c and the
+    precision table P(c, c') of the planted label rule."""
+
+    def __init__(self, size: ClickLogSize, planted: Planted, rng: np.random.Generator):
+        c, g, r = size.num_categories, size.num_groups, planted.latent_dim
+        if c % g:
+            raise ValueError(f"num_categories={c} must be a multiple of num_groups={g}.")
+        self.size, self.planted = size, planted
+        self.group = np.arange(c) // (c // g)  # [C]
+        self.popularity = 1.0 / (rng.permutation(c) + 3.0)  # Zipf-like, random order
+        centres = rng.normal(size=(g, r))
+        self.centre = centres[self.group] + planted.category_noise * rng.normal(size=(c, r))  # [C, r]
+        self.pref = rng.normal(size=(c, r)) * 0.7  # m_c
+        self.cat_bias = rng.normal(size=c) * 0.7  # b_c
+        ipc = size.items_per_category
+        self.item_cat = np.repeat(np.arange(c), ipc)  # [I]
+        self.z = self.centre[self.item_cat] + rng.normal(size=(c * ipc, r))  # [I, r]
+        precision = np.where(self.group[:, None] == self.group[None, :], planted.group_precision, 0.0)
+        np.fill_diagonal(precision, planted.same_precision)
+        self.precision = precision  # P(c, c') [C, C]
+
+    def sample_categories(self, groups: np.ndarray, rng) -> np.ndarray:
+        """One category per entry of `groups` [...], by popularity within the group."""
+        per = self.size.num_categories // self.size.num_groups
+        pop = self.popularity.reshape(-1, per)[groups]  # [..., per]
+        cdf = np.cumsum(pop / pop.sum(-1, keepdims=True), -1)
+        idx = (rng.random(groups.shape)[..., None] > cdf).sum(-1)
+        return groups * per + np.minimum(idx, per - 1)
+
+    def sample_items(self, cats: np.ndarray, rng) -> np.ndarray:
+        return cats * self.size.items_per_category + rng.integers(0, self.size.items_per_category, cats.shape)
+
+    def oracle_logit(self, item, cat, counts, sums) -> np.ndarray:
+        """The planted logit [n] of items [n] of categories [n] given the visible history's clicks
+        per category counts [n, C] and their latent sums [n, C, r]."""
+        p = self.planted
+        prec = self.precision[cat]  # [U, C]
+        with np.errstate(divide="ignore"):
+            w = np.where((counts > 0) & (prec > 0), 1.0 / (1.0 / np.maximum(prec, 1e-12) + p.random_var / np.maximum(counts, 1)), 0.0)
+        z_bar = sums / np.maximum(counts, 1)[..., None]
+        v = (p.prior_precision * self.pref[cat] + np.einsum("uc,ucr->ur", w, z_bar)) / (p.prior_precision + w.sum(-1))[:, None]
+        return p.alpha * np.einsum("ur,ur->u", self.z[item], v) + self.cat_bias[cat] + p.bias
+
+
+def make_world(size: ClickLogSize | str, seed: int = 0, planted: Planted = Planted()) -> World:
+    """The world `generate(size, seed, planted=planted)` draws its users from."""
+    return World(SIZES[size] if isinstance(size, str) else size, planted, np.random.default_rng([seed, 0]))
+
+
+CHUNK_USERS = 10_000  # users are independent; they are generated in chunks to bound memory
+
+
+def generate(size: ClickLogSize | str, seed: int = 0, split: str = "time", planted: Planted = Planted()) -> dict:
+    """The click log as {'train', 'val', 'test'} -> dict of arrays (see the module docstring)."""
+    if isinstance(size, str):
+        if size not in SIZES:
+            raise ValueError(f"click-log size {size!r} is unknown; choose one of {sorted(SIZES)}.")
+        size = SIZES[size]
+    if split not in ("time", "user"):
+        raise ValueError(f"click-log split must be 'time' or 'user', got {split!r}.")
+    world = make_world(size, seed, planted)
+    chunks = []
+    for i, first in enumerate(range(0, size.num_users, CHUNK_USERS)):
+        users = np.arange(first, min(first + CHUNK_USERS, size.num_users))
+        chunks.append(_user_impressions(world, users, np.random.default_rng([seed, 1, i])))
+    examples = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    splits = _split(examples, split, size, seed)
+    _mark_infreq(splits, size.num_categories, planted.infreq_quantile)
+    return splits
+
+
+def _user_impressions(world: World, users: np.ndarray, rng: np.random.Generator) -> dict:
+    """All impressions of `users`, user-major ([user, impression] flattened)."""
+    size, planted = world.size, world.planted
+    n, k_imp, t_max = len(users), size.impressions_per_user, size.maxlen
+    lo, hi = size.history_range
+    capacity = hi + planted.repeat_range[1] + k_imp
+    rows_n = np.arange(n)
+
+    # Initial histories: clicks from 1-2 interest groups, plus a habit item for some users.
+    interests = rng.integers(0, size.num_groups, (n, 2))
+    interests[:, 1] = np.where(rng.random(n) < 0.5, interests[:, 1], interests[:, 0])
+    length = rng.integers(lo, hi + 1, n)
+    slot = np.arange(capacity)[None]
+    click_groups = np.take_along_axis(interests, rng.integers(0, 2, (n, capacity)), 1)
+    clicks = world.sample_items(world.sample_categories(click_groups, rng), rng)  # [n, capacity]
+    habit = rng.random(n) < planted.habit_fraction
+    habit_item = world.sample_items(world.sample_categories(interests[:, 0], rng), rng)
+    repeats = np.where(habit, rng.integers(planted.repeat_range[0], planted.repeat_range[1] + 1, n), 0)
+    total = length + repeats
+    # Habit clicks take `repeats` random positions among the first `total`.
+    order = np.where(slot < total[:, None], rng.random((n, capacity)), 2.0)
+    rank = np.argsort(np.argsort(order, 1), 1)
+    clicks = np.where(rank < repeats[:, None], habit_item[:, None], clicks)
+    clicks = np.where(slot < total[:, None], clicks, PAD)
+
+    rows = []
+    for k in range(k_imp):
+        # The visible history: the most recent maxlen clicks, oldest first, padded at the end.
+        start = np.maximum(total - t_max, 0)
+        pos = start[:, None] + np.arange(t_max)[None]
+        hist = np.where(pos < total[:, None], np.take_along_axis(clicks, np.minimum(pos, capacity - 1), 1), PAD)
+        valid = hist != PAD
+        hist_cat = np.where(valid, world.item_cat[np.maximum(hist, 0)], PAD)
+
+        # Target category: a history click's (40 %), an interest group's (30 %; the habit's group for
+        # half of the habit users), or global popularity (30 %).
+        pick = rng.random(n)
+        from_history = hist_cat[rows_n, (rng.random(n) * valid.sum(1)).astype(int)]
+        group = np.where(habit & (rng.random(n) < 0.5), interests[:, 0], interests[rows_n, rng.integers(0, 2, n)])
+        from_interest = world.sample_categories(group, rng)
+        from_global = rng.choice(size.num_categories, n, p=world.popularity / world.popularity.sum())
+        cat = np.where(pick < 0.4, from_history, np.where(pick < 0.7, from_interest, from_global))
+        item = world.sample_items(cat, rng)
+
+        counts = np.zeros((n, size.num_categories))
+        sums = np.zeros((n, size.num_categories, planted.latent_dim))
+        flat_rows, flat_cats = np.repeat(rows_n, t_max), np.maximum(hist_cat, 0).ravel()
+        np.add.at(counts, (flat_rows, flat_cats), valid.ravel())
+        np.add.at(sums, (flat_rows, flat_cats), (world.z[np.maximum(hist, 0)] * valid[..., None]).reshape(-1, planted.latent_dim))
+        logit = world.oracle_logit(item, cat, counts, sums)
+        label = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+
+        same_group = valid & (world.group[np.maximum(hist_cat, 0)] == world.group[cat][:, None]) & (hist_cat != cat[:, None])
+        item_count = (hist[:, :, None] == hist[:, None, :]).sum(-1)  # [n, T] occurrences of each behaviour's item
+        rows.append(dict(
+            user=users, item=item, cat=cat, hist_item=hist, hist_cat=hist_cat, label=label,
+            time=np.full(n, k), oracle_logit=logit.astype(np.float32),
+            new=~(hist_cat == cat[:, None]).any(1),
+            repeat=(same_group & (item_count >= planted.repeat_flag)).any(1),
+        ))
+        clicked = label > 0  # a click joins the history
+        clicks[rows_n[clicked], total[clicked]] = item[clicked]
+        total = total + clicked
+    return {key: np.stack([r[key] for r in rows], 1).reshape(n * k_imp, *rows[0][key].shape[1:]) for key in rows[0]}
+
+
+def _split(examples: dict, how: str, size: ClickLogSize, seed: int) -> dict:
+    if how == "time":
+        t, k, e = examples["time"], size.impressions_per_user, size.eval_impressions
+        if k <= 2 * e:
+            raise ValueError(f"impressions_per_user={k} leaves no training impressions after 2 x {e} for val and test.")
+        parts = {"train": t < k - 2 * e, "val": (t >= k - 2 * e) & (t < k - e), "test": t >= k - e}
+    else:
+        num_users = size.num_users
+        order = np.random.default_rng([seed, 2]).permutation(num_users)
+        n_val = n_test = max(1, num_users // 10)
+        which = np.empty(num_users, np.int64)
+        which[order[:n_test]], which[order[n_test : n_test + n_val]], which[order[n_test + n_val :]] = 2, 1, 0
+        u = which[examples["user"]]
+        parts = {"train": u == 0, "val": u == 1, "test": u == 2}
+    return {name: {k: v[sel] for k, v in examples.items()} for name, sel in parts.items()}
+
+
+def _mark_infreq(splits: dict, num_categories: int, quantile: float) -> None:
+    counts = np.bincount(splits["train"]["cat"], minlength=num_categories)
+    rare = counts < np.quantile(counts, quantile)
+    for arrays in splits.values():
+        arrays["infreq"] = rare[arrays["cat"]]
+
+
+def with_size(name: str, **overrides) -> ClickLogSize:
+    """A named size with some fields changed, e.g. with_size('small', num_users=1000)."""
+    return replace(SIZES[name], **overrides)

@@ -1,0 +1,221 @@
+"""Kalman Filtering Attention (KFAtt, Liu et al., NeurIPS 2020): a user-behaviour pooling with a
+learned global prior (KFAtt-base) and frequency capping by de-duplicated keys (KFAtt-freq).
+
+Model: v_q ~ N(mu_q, sigma_q^2 I) is the user's interest under query q; each behaviour is a
+measurement v_t ~ N(v_q, sigma_t^2 I) with precision 1/sigma_t^2 = exp(s_t), s_t any
+unnormalised attention score (q^T k_t, DIN, a Transformer head). The MAP estimate
+
+    v_hat = (mu_q / sigma_q^2 + sum_t v_t / sigma_t^2) / (1 / sigma_q^2 + sum_t 1 / sigma_t^2)
+
+is computed exactly and stably as a softmax over T + 1 tokens, logits [s_0, s_1..s_T] with
+s_0 = -log sigma_q^2 and values [mu_q, v_1..v_T]. The padding mask applies to behaviours only:
+the prior token is never masked, so an empty history returns mu_q, and s_0 -> -inf recovers
+vanilla masked softmax attention.
+
+KFAtt-freq groups behaviours with the same de-duplication key (e.g. leaf category) into M
+sensors m with n_m clicks and mean value v_bar_m. Sensor m has system error sigma_m^2
+(1/sigma_m^2 = exp(s_m)) and each click a random error sigma'_m^2 (an MLP of the key), so
+
+    w_m = 1 / (sigma_m^2 + sigma'_m^2 / n_m),   log w_m = -logaddexp(-s_m, log sigma'_m^2 - log n_m)
+
+and v_hat is the (M + 1)-token softmax over [s_0, log w_m] and [mu_q, v_bar_m]. w_m <= exp(s_m)
+whatever n_m: a behaviour repeated many times cannot outweigh its sensor's precision.
+
+Functions work on [B, ...] arrays; modules add the prior and random-error MLPs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jdjax.nn.ctr.attention import masked_softmax
+
+Dtype = Any
+POOLINGS = ("softmax", "kfatt_base", "kfatt_freq")
+
+
+def kfatt_base(
+    prior_logit: jax.Array, prior_mean: jax.Array, scores: jax.Array, values: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """KFAtt-base: the MAP estimate with a global prior.
+
+    Args:
+      prior_logit: [B] s_0 = log(1 / sigma_q^2); -inf turns the prior off.
+      prior_mean: [B, Dv] mu_q.
+      scores: [B, T] s_t = log(1 / sigma_t^2), unnormalised (never softmax-normalised scores).
+      values: [B, T, Dv] v_t.
+      mask: [B, T] True on real behaviours.
+
+    Returns:
+      (v_hat [B, Dv], weights [B, 1 + T]: the prior's weight first, then the behaviours').
+    """
+    logits = jnp.concatenate([prior_logit[:, None], scores], axis=-1).astype(jnp.float32)  # [B, 1 + T]
+    valid = jnp.concatenate([jnp.isfinite(prior_logit)[:, None], mask], axis=-1)
+    w = masked_softmax(logits, valid)
+    tokens = jnp.concatenate([prior_mean[:, None, :], values], axis=1).astype(jnp.float32)  # [B, 1 + T, Dv]
+    return jnp.einsum("bt,btd->bd", w, tokens).astype(values.dtype), w
+
+
+def dedup_assignment(keys: jax.Array, mask: jax.Array) -> jax.Array:
+    """Groups behaviours by key: A [B, T, M=T], A[b, t, m] = 1 if valid behaviour t belongs to
+    the sensor m, where sensor m is the first valid position holding that key (other m are empty).
+
+    keys: [B, T] integer de-duplication keys; mask: [B, T] bool. Padding is in no group.
+    """
+    t = keys.shape[-1]
+    same = (keys[:, :, None] == keys[:, None, :]) & mask[:, :, None] & mask[:, None, :]  # [B, T, T]
+    first = jnp.argmax(same, axis=-1)  # [B, T] index of the first valid behaviour with this key
+    return ((first[:, :, None] == jnp.arange(t)) & mask[:, :, None]).astype(jnp.float32)
+
+
+def kfatt_freq(
+    prior_logit: jax.Array,
+    prior_mean: jax.Array,
+    scores: jax.Array,
+    values: jax.Array,
+    mask: jax.Array,
+    keys: jax.Array,
+    log_random_var: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """KFAtt-freq: de-duplicate behaviours by key, cap each sensor's weight, pool with the prior.
+
+    Args:
+      prior_logit, prior_mean, scores, values, mask: as in `kfatt_base`.
+      keys: [B, T] integer de-duplication keys (e.g. leaf category ids).
+      log_random_var: [B, T] log sigma'^2 of each behaviour's key.
+
+    A sensor's score and log sigma'^2 are those of its first behaviour: exactly s_m and
+    log sigma'_m^2 when they are functions of the key (the KFAtt setting, q^T k_m with the
+    category as both the attention key and the de-duplication key).
+
+    Returns:
+      (v_hat [B, Dv], weights [B, 1 + M] (prior first; M = T sensor slots, empty slots 0),
+       counts n_m [B, M]).
+    """
+    a = dedup_assignment(keys, mask)  # [B, T, M]
+    n = jnp.sum(a, axis=1)  # [B, M]
+    denom = jnp.maximum(n, 1.0)
+    v_bar = jnp.einsum("btm,btd->bmd", a, values.astype(jnp.float32)) / denom[..., None]  # [B, M, Dv]
+    # Sensor m sits at its first behaviour's position m: its score and random error are that behaviour's.
+    s_m = scores.astype(jnp.float32)
+    lv_m = log_random_var.astype(jnp.float32)
+    log_w = -jnp.logaddexp(-s_m, lv_m - jnp.log(denom))  # [B, M]
+    out, w = kfatt_base(prior_logit, prior_mean, log_w, v_bar, n > 0)
+    return out.astype(values.dtype), w, n
+
+
+class TwoLayerMLP(nn.Module):
+    """Dense(hidden) -> ReLU -> Dense(features): the MLPs of mu_q, log(1/sigma_q^2) and log sigma'^2."""
+
+    features: int
+    hidden: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., D] -> [..., features]."""
+        def dense(width, axes, name):
+            return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
+                            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+                            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]), name=name)
+
+        hidden = nn.relu(dense(self.hidden, ("embed", "mlp"), "hidden")(x))
+        return dense(self.features, ("mlp", None), "out")(hidden)
+
+
+class KFAttPooling(nn.Module):
+    """Pools behaviour values with softmax attention, KFAtt-base or KFAtt-freq given the scores.
+
+    Attributes:
+      mode: one of POOLINGS.
+      value_dim: Dv (width of mu_q).
+      prior_hidden: hidden width of the prior and random-error MLPs.
+      prior: 'learned' (mu_q and sigma_q from MLPs of q) or 'unit' (the paper's naive-prior
+        ablation KFAtt-bs: sigma_q = 1, mu_q still learned).
+    """
+
+    mode: str
+    value_dim: int
+    prior_hidden: int = 32
+    prior: str = "learned"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, query, scores, values, mask, keys=None, dedup_keys=None):
+        """query [B, Dq], scores [B, T], values [B, T, Dv], mask [B, T]; for 'kfatt_freq' also keys
+        [B, T, Dk] (input of the sigma' MLP) and dedup_keys [B, T] int.
+
+        Returns (v_hat [B, Dv], weights [B, 1 + T] for KFAtt (prior first) or [B, T] for softmax).
+        """
+        if self.mode not in POOLINGS:
+            raise ValueError(f"KFAttPooling: mode must be one of {POOLINGS}, got {self.mode!r}.")
+        if self.mode == "softmax":
+            w = masked_softmax(scores, mask)
+            return jnp.einsum("bt,btd->bd", w, values.astype(jnp.float32)).astype(values.dtype), w
+        mu = TwoLayerMLP(self.value_dim, self.prior_hidden, self.dtype, self.param_dtype, name="prior_mean")(query)  # [B, Dv]
+        if self.prior == "learned":
+            s0 = TwoLayerMLP(1, self.prior_hidden, self.dtype, self.param_dtype, name="prior_logit")(query)[:, 0]  # [B]
+        elif self.prior == "unit":
+            s0 = jnp.zeros(query.shape[:1], jnp.float32)
+        else:
+            raise ValueError(f"KFAttPooling: prior must be 'learned' or 'unit', got {self.prior!r}.")
+        if self.mode == "kfatt_base":
+            return kfatt_base(s0, mu, scores, values, mask)
+        if keys is None or dedup_keys is None:
+            raise ValueError("KFAttPooling: mode 'kfatt_freq' needs `keys` and `dedup_keys`.")
+        log_var = TwoLayerMLP(1, self.prior_hidden, self.dtype, self.param_dtype, name="random_error")(keys)[..., 0]  # [B, T]
+        out, w, _ = kfatt_freq(s0, mu, scores, values, mask, dedup_keys, log_var)
+        return out, w
+
+
+class MultiHeadKFAtt(nn.Module):
+    """KFAtt-trans decoder (and the Transformer baseline with mode='softmax'):
+    head_i = Pool(q W_i^Q, K W_i^K, H W_i^V) with score s_t = (q W_i^Q)^T (k_t W_i^K) and a prior
+    per head in the head's value space; v_hat = Concat(head_1..head_h) W^O [B, out_dim].
+    """
+
+    mode: str
+    num_heads: int
+    head_dim: int
+    out_dim: int
+    prior_hidden: int = 32
+    prior: str = "learned"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, query, keys, values, mask, dedup_keys=None):
+        """query [B, Dq], keys [B, T, Dk], values (encoder output H) [B, T, Dh], mask [B, T],
+        dedup_keys [B, T] (kfatt_freq). Returns (v_hat [B, out_dim], weights [B, heads, ...])."""
+
+        def proj(name, x, in_axes=("embed",)):
+            return nn.DenseGeneral(
+                (self.num_heads, self.head_dim), dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False,
+                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (*in_axes, "heads", "kv")), name=name,
+            )(x)
+
+        q = proj("query", query)  # [B, H, Dh]
+        k = proj("key", keys)  # [B, T, H, Dh]
+        v = proj("value", values)  # [B, T, H, Dh]
+        scores = jnp.einsum("bhd,bthd->bht", q, k)  # [B, H, T], unscaled as in the paper
+        pool = nn.vmap(
+            KFAttPooling,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(1, 1, 2, None, 2, None),  # the heads axis of query, scores, values, mask, keys, dedup keys
+            out_axes=1,
+            metadata_params={nn.PARTITION_NAME: "heads"},
+        )(self.mode, self.head_dim, prior_hidden=self.prior_hidden, prior=self.prior, dtype=self.dtype,
+          param_dtype=self.param_dtype, name="pool")
+        heads, w = pool(q, scores, v, mask, k, dedup_keys)  # [B, H, Dh], [B, H, ...]
+        out = nn.DenseGeneral(
+            self.out_dim, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("heads", "kv", "embed")), name="out",
+        )(heads)
+        return out, w

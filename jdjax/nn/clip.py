@@ -1,0 +1,340 @@
+"""CLIP (OpenAI layout): image and text towers built from the ViT encoder block, and the joint model.
+
+Both towers use `jdjax.nn.vit.EncoderBlock` with QuickGELU and LayerNorm eps 1e-5; the image
+tower has the same token-reduction hook as the ViT (ToMe / PYRA, schedule `merge_r`).
+
+Parameter tree of `CLIP` (C = vision width, D = text width, E = embed_dim, P patch,
+N = 1 + (S/P)^2, T = context_length, V = vocab_size, M = 4C / 4D):
+
+    visual/conv1/kernel [P, P, 3, C]             (no bias)
+    visual/class_embedding [C]   visual/positional_embedding [N, C]   visual/ln_pre/{scale, bias} [C]
+    visual/block{i}/...                          (EncoderBlock, see jdjax/nn/vit.py; mlp_dim M)
+    visual/ln_post/{scale, bias} [C]             visual/proj [C, E]
+    text/token_embedding/embedding [V, D]        text/positional_embedding [T, D]
+    text/block{i}/...                            text/ln_final/{scale, bias} [D]   text/text_projection [D, E]
+    logit_scale []                               (log of the temperature; init log(1/0.07))
+
+OpenAI checkpoint keys map one to one: conv1.weight (C, 3, P, P) -> transpose(2, 3, 1, 0);
+attn.in_proj_weight (3C, C) -> .T.reshape(C, 3, H, Dh); attn.out_proj.weight (C, C) ->
+.T.reshape(H, Dh, C); mlp.c_fc / c_proj -> mlp/fc1 / fc2 (.T); ln_1 / ln_2 -> ln1 / ln2.
+Hugging Face CLIPModel: q/k/v_proj are stacked into the fused qkv; pre_layrnorm -> ln_pre,
+post_layernorm -> ln_post, final_layer_norm -> ln_final, visual/text_projection (.T).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jdjax.merging import schedules
+from jdjax.nn.attention import logical
+from jdjax.nn.vit import (
+    encoder_stack,
+    final_sizes,
+    grid_pos_embedding,
+    image_grid,
+    layer_norm,
+    merge_schedule,
+    patch_embedding,
+)
+
+Dtype = Any
+
+# name: (embed_dim, image_size, patch, vision width, vision layers, vision heads,
+#        context_length, vocab_size, text width, text layers, text heads)
+CLIP_SIZES = {
+    "ViT-B/32": (512, 224, 32, 768, 12, 12, 77, 49408, 512, 12, 8),
+    "ViT-B/16": (512, 224, 16, 768, 12, 12, 77, 49408, 512, 12, 8),
+    "ViT-L/14": (768, 224, 14, 1024, 24, 16, 77, 49408, 768, 12, 12),
+    "ViT-L/14@336px": (768, 336, 14, 1024, 24, 16, 77, 49408, 768, 12, 12),
+}
+
+
+def clip_config(name: str) -> dict:
+    """'ViT-B/32' (or 'B/32') -> the CLIP keyword arguments of that OpenAI model."""
+    key = name.strip()
+    if not key.startswith("ViT-"):
+        key = "ViT-" + key
+    if key not in CLIP_SIZES:
+        raise ValueError(f"unknown CLIP model {name!r}; known: {sorted(CLIP_SIZES)}.")
+    e, s, p, vw, vl, vh, t, v, tw, tl, th = CLIP_SIZES[key]
+    return dict(
+        embed_dim=e, image_size=s, patch_size=p, vision_width=vw, vision_layers=vl, vision_heads=vh,
+        context_length=t, vocab_size=v, text_width=tw, text_layers=tl, text_heads=th,
+    )
+
+
+def _normal(std: float):
+    return nn.initializers.normal(std)
+
+
+def _block_kwargs(tower: nn.Module, num_heads: int, mlp_dim: int, merging: bool) -> dict:
+    """EncoderBlock keyword arguments shared by both towers (only the image tower merges)."""
+    merge = dict(
+        merge_mode=tower.merge_mode, merger=tower.merger, prop_attn=tower.prop_attn,
+        trace_source=tower.trace_source, pyra_ln_eps=tower.pyra_ln_eps,
+    ) if merging else dict(prop_attn=False)
+    return dict(
+        num_heads=num_heads, mlp_dim=mlp_dim, dropout=0.0, ln_eps=tower.ln_eps, dtype=tower.dtype,
+        param_dtype=tower.param_dtype, activation=tower.activation, qkv_bias=True,
+        attention_dropout=tower.attention_dropout, drop_path=tower.drop_path, class_token=True,
+        lora_rank=tower.lora_rank, lora_alpha=tower.lora_alpha, lora_dropout=tower.lora_dropout,
+        lora_targets=tuple(tower.lora_targets), **merge,
+    )
+
+
+class CLIPVisionTower(nn.Module):
+    """Patches (no bias) + class embedding + positions -> ln_pre -> blocks -> ln_post(CLS) -> proj.
+
+    Attributes: see CLIP; `merge_r` is the per-layer token-merging schedule.
+    """
+
+    embed_dim: int = 512
+    image_size: int | tuple[int, int] | None = 224
+    patch_size: int = 32
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int | None = None
+    ln_eps: float = 1e-5
+    activation: str = "quick_gelu"
+    pos_interpolation: str | None = None
+    attention_dropout: float = 0.0
+    drop_path: float = 0.0
+    merge_r: int | Sequence[int] = 0
+    merge_mode: str = "tome"
+    merger: Any = None
+    prop_attn: bool = True
+    trace_source: bool = False
+    pyra_ln_eps: float = 1e-5
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_targets: Sequence[str] = ("qkv",)
+    remat: bool = False
+    scan: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def schedule(self) -> list[int]:
+        return merge_schedule(self.merge_r, self.depth)
+
+    def token_counts(self, image_size: int | tuple[int, int] | None = None) -> list[int]:
+        """[N_0, N_1, ..., N_L]: tokens entering the first block and leaving each block (static)."""
+        grid = image_grid(image_size if image_size is not None else self.image_size, self.patch_size)
+        if grid is None:
+            raise ValueError("token_counts needs an image_size (argument or model attribute).")
+        n0 = 1 + grid[0] * grid[1]
+        return [n0] + schedules.token_counts(self.schedule(), n0, protected=1)
+
+    @nn.compact
+    def __call__(self, images, train: bool = False, return_info: bool = False):
+        """images [B, H, W, 3] -> projected features [B, E] (float32, not normalised).
+
+        With return_info: (features, info) with info['tokens'] [B, N_L, C] (encoder output before
+        ln_post, = Hugging Face's vision last_hidden_state), info['size'] [B, N_L, 1] and, with
+        trace_source, info['source'].
+        """
+        b, c = images.shape[0], self.width
+        scale = c**-0.5
+        x, grid = patch_embedding(images, self.patch_size, c, use_bias=False, name="conv1", dtype=self.dtype,
+                                  param_dtype=self.param_dtype)  # [B, N-1, C]
+        cls = self.param("class_embedding", logical(_normal(scale), ("embed",)), (c,), self.param_dtype)
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, c)), x], axis=1)  # [B, N, C]
+        pos = grid_pos_embedding(
+            self, "positional_embedding", _normal(scale), ("pos", "embed"), grid, c,
+            model_grid=image_grid(self.image_size, self.patch_size), interpolation=self.pos_interpolation,
+            leading_one=False,
+        )  # [N, C]
+        x = x + pos.astype(x.dtype)[None]
+        x = layer_norm("ln_pre", self.ln_eps, self.dtype, self.param_dtype)(x)
+        x, size, source = encoder_stack(
+            x, _block_kwargs(self, self.num_heads, self.mlp_dim or 4 * c, merging=True), self.schedule(),
+            deterministic=not train, remat=self.remat, scan=self.scan,
+        )  # [B, N_L, C]
+        pooled = layer_norm("ln_post", self.ln_eps, self.dtype, self.param_dtype)(x[:, 0])  # [B, C]
+        proj = self.param("proj", logical(_normal(scale), ("embed", None)), (c, self.embed_dim), self.param_dtype)
+        out = (pooled @ proj.astype(self.dtype)).astype(jnp.float32)  # [B, E]
+        if not return_info:
+            return out
+        info = {"tokens": x, "size": final_sizes(x, size)}
+        if self.trace_source:
+            info["source"] = source if source is not None else jnp.broadcast_to(
+                jnp.eye(x.shape[1], dtype=jnp.float32), (b, x.shape[1], x.shape[1]))
+        return out, info
+
+
+class CLIPTextTower(nn.Module):
+    """Token + positional embedding -> causal (+ padding) blocks -> ln_final -> EOT token -> projection.
+
+    Attributes:
+      eot_token_id: None pools at argmax(ids) (OpenAI, and HF when eos_token_id == 2: the EOT
+        token has the largest id); an int pools at the first position holding that id (HF).
+      Others: see CLIP.
+    """
+
+    embed_dim: int = 512
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    depth: int = 12
+    num_heads: int = 8
+    mlp_dim: int | None = None
+    ln_eps: float = 1e-5
+    activation: str = "quick_gelu"
+    eot_token_id: int | None = None
+    attention_dropout: float = 0.0
+    drop_path: float = 0.0
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_targets: Sequence[str] = ("qkv",)
+    remat: bool = False
+    scan: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids, mask=None, train: bool = False, return_info: bool = False):
+        """ids [B, T] int token ids (T <= context_length); mask [B, T] (1/True = real token) or None.
+
+        Attention is causal; with `mask`, padded keys are masked too (Hugging Face). Returns the
+        projected EOT feature [B, E] (float32), or (features, info) with info['tokens'] [B, T, D]
+        after ln_final (= Hugging Face's text last_hidden_state).
+        """
+        b, t = ids.shape
+        d = self.width
+        if t > self.context_length:
+            raise ValueError(f"text has {t} tokens but context_length is {self.context_length}.")
+        x = nn.Embed(
+            self.vocab_size, d, dtype=self.dtype, param_dtype=self.param_dtype,
+            embedding_init=logical(_normal(0.02), ("vocab", "embed")), name="token_embedding",
+        )(ids)  # [B, T, D]
+        pos = self.param("positional_embedding", logical(_normal(0.01), ("pos", "embed")),
+                         (self.context_length, d), self.param_dtype)
+        x = x + pos[:t].astype(x.dtype)[None]
+        attn_mask = jnp.tril(jnp.ones((t, t), bool))[None, None]  # [1, 1, T, T]
+        if mask is not None:
+            attn_mask = attn_mask & mask.astype(bool)[:, None, None, :]  # [B, 1, T, T]
+        x, _, _ = encoder_stack(
+            x, _block_kwargs(self, self.num_heads, self.mlp_dim or 4 * d, merging=False), [0] * self.depth,
+            mask=attn_mask, deterministic=not train, remat=self.remat, scan=self.scan,
+        )  # [B, T, D]
+        x = layer_norm("ln_final", self.ln_eps, self.dtype, self.param_dtype)(x)
+        if self.eot_token_id is None:
+            eot = jnp.argmax(ids, axis=-1)  # [B]
+        else:
+            eot = jnp.argmax(ids == self.eot_token_id, axis=-1)
+        pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]  # [B, D]
+        proj = self.param("text_projection", logical(_normal(d**-0.5), ("embed", None)), (d, self.embed_dim),
+                          self.param_dtype)
+        out = (pooled @ proj.astype(self.dtype)).astype(jnp.float32)  # [B, E]
+        return (out, {"tokens": x}) if return_info else out
+
+
+def l2_normalize(x, eps: float = 1e-12):
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class CLIP(nn.Module):
+    """Image and text towers and the learned temperature.
+
+    Attributes:
+      embed_dim: E, the joint embedding width.
+      image_size, patch_size, vision_width, vision_layers, vision_heads, vision_mlp_dim: image tower
+        (mlp_dim None = 4 x width).
+      context_length, vocab_size, text_width, text_layers, text_heads, text_mlp_dim: text tower.
+      ln_eps, activation: 1e-5 and 'quick_gelu' for OpenAI CLIP (HF: layer_norm_eps, hidden_act).
+      eot_token_id: text pooling position; None = argmax(ids) (see CLIPTextTower).
+      pos_interpolation: resample the image position embedding for another resolution.
+      merge_r, merge_mode, merger, prop_attn, trace_source, pyra_ln_eps: the image tower's
+        token-reduction hook (the text tower never merges).
+      lora_rank, lora_alpha, lora_dropout, lora_targets: LoRA in both towers (text_lora=False:
+        image tower only).
+      remat, scan, dtype, param_dtype: as in ViT.
+    """
+
+    embed_dim: int = 512
+    image_size: int | tuple[int, int] | None = 224
+    patch_size: int = 32
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    vision_mlp_dim: int | None = None
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    text_mlp_dim: int | None = None
+    ln_eps: float = 1e-5
+    activation: str = "quick_gelu"
+    eot_token_id: int | None = None
+    pos_interpolation: str | None = None
+    attention_dropout: float = 0.0
+    drop_path: float = 0.0
+    merge_r: int | Sequence[int] = 0
+    merge_mode: str = "tome"
+    merger: Any = None
+    prop_attn: bool = True
+    trace_source: bool = False
+    pyra_ln_eps: float = 1e-5
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_targets: Sequence[str] = ("qkv",)
+    text_lora: bool = True
+    remat: bool = False
+    scan: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        lora = dict(lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, lora_targets=tuple(self.lora_targets))
+        common = dict(embed_dim=self.embed_dim, ln_eps=self.ln_eps, activation=self.activation,
+                      attention_dropout=self.attention_dropout, drop_path=self.drop_path, remat=self.remat,
+                      scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype, **lora)
+        self.visual = CLIPVisionTower(
+            image_size=self.image_size, patch_size=self.patch_size, width=self.vision_width, depth=self.vision_layers,
+            num_heads=self.vision_heads, mlp_dim=self.vision_mlp_dim, pos_interpolation=self.pos_interpolation,
+            merge_r=self.merge_r, merge_mode=self.merge_mode, merger=self.merger, prop_attn=self.prop_attn,
+            trace_source=self.trace_source, pyra_ln_eps=self.pyra_ln_eps, lora_rank=self.lora_rank, **common,
+        )
+        self.text = CLIPTextTower(
+            context_length=self.context_length, vocab_size=self.vocab_size, width=self.text_width,
+            depth=self.text_layers, num_heads=self.text_heads, mlp_dim=self.text_mlp_dim,
+            eot_token_id=self.eot_token_id, lora_rank=self.lora_rank if self.text_lora else 0, **common,
+        )
+        self.logit_scale = self.param(
+            "logit_scale", logical(nn.initializers.constant(math.log(1 / 0.07)), ()), (), self.param_dtype
+        )
+
+    def token_counts(self, image_size=None) -> list[int]:
+        """Image tower tokens [N_0, ..., N_L] (static, from the schedule)."""
+        grid = image_grid(image_size if image_size is not None else self.image_size, self.patch_size)
+        if grid is None:
+            raise ValueError("token_counts needs an image_size (argument or model attribute).")
+        n0 = 1 + grid[0] * grid[1]
+        return [n0] + schedules.token_counts(merge_schedule(self.merge_r, self.vision_layers), n0, protected=1)
+
+    def encode_image(self, images, train: bool = False, return_info: bool = False):
+        """[B, H, W, 3] -> [B, E] (not normalised); see CLIPVisionTower."""
+        return self.visual(images, train=train, return_info=return_info)
+
+    def encode_text(self, ids, mask=None, train: bool = False, return_info: bool = False):
+        """[B, T] ids (+ [B, T] padding mask) -> [B, E] (not normalised); see CLIPTextTower."""
+        return self.text(ids, mask, train=train, return_info=return_info)
+
+    def __call__(self, images, ids, mask=None, train: bool = False):
+        """Returns {'image_embeds' [B_i, E], 'text_embeds' [B_t, E] (projected, not normalised),
+        'logit_scale' [] (the log temperature), 'logits_per_image' [B_i, B_t] =
+        exp(logit_scale) * cos(image, text)} (float32)."""
+        image = self.encode_image(images, train=train)
+        text = self.encode_text(ids, mask, train=train)
+        logits = jnp.exp(self.logit_scale.astype(jnp.float32)) * l2_normalize(image) @ l2_normalize(text).T
+        return {"image_embeds": image, "text_embeds": text, "logit_scale": self.logit_scale, "logits_per_image": logits}
