@@ -268,3 +268,163 @@ def _mark_infreq(splits: dict, num_categories: int, quantile: float) -> None:
 def with_size(name: str, **overrides) -> ClickLogSize:
     """A named size with some fields changed, e.g. with_size('small', num_users=1000)."""
     return replace(SIZES[name], **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-scene click log (DADNN)
+
+
+@dataclass(frozen=True)
+class SceneLogSize:
+    num_users: int
+    num_items: int
+    num_categories: int
+    num_impressions: int
+    scene_shares: tuple[float, ...] = (0.45, 0.30, 0.24, 0.01)  # the last scene is the long tail
+
+
+SCENE_SIZES = {
+    "tiny": SceneLogSize(num_users=100, num_items=60, num_categories=6, num_impressions=3000),
+    "small": SceneLogSize(num_users=3000, num_items=800, num_categories=20, num_impressions=300_000),
+    "medium": SceneLogSize(num_users=20000, num_items=4000, num_categories=40, num_impressions=1_000_000),
+}
+
+
+def scene_features(embedding_dim: int) -> tuple:
+    """Declarations of the multi-scene log: user, item, category and the scene id itself."""
+    return (
+        SparseFeat("user", embedding_dim),
+        SparseFeat("item", embedding_dim),
+        SparseFeat("cat", embedding_dim),
+        SparseFeat("scene", embedding_dim),
+    )
+
+
+def generate_scenes(size: SceneLogSize | str, seed: int = 0, latent_dim: int = 6) -> dict:
+    """A multi-scene click log with planted shared and scene-specific structure.
+
+    Each impression (user u, item i of category c, scene s; scenes drawn by `scene_shares`, the
+    last one a 1 % long tail) is clicked with probability sigmoid(logit),
+
+        logit = 0.6 <b_u, a_i>  +  0.6 <c_s, a_i> + d_{s, c}  - 0.5
+                (shared: every scene)   (scene-specific taste over items and categories)
+
+    so a single mixed model misses the scene terms, per-scene models see little data in the
+    tail scene, and a shared bottom with scene heads can get both. Impressions are split
+    80/10/10 at random; `scene` holds the scene index and `scene<k>` flags slice the metrics.
+    """
+    if isinstance(size, str):
+        if size not in SCENE_SIZES:
+            raise ValueError(f"scene-log size {size!r} is unknown; choose one of {sorted(SCENE_SIZES)}.")
+        size = SCENE_SIZES[size]
+    rng = np.random.default_rng([seed, 10])
+    shares = np.asarray(size.scene_shares, np.float64)
+    num_scenes = len(shares)
+    user_latent = rng.normal(size=(size.num_users, latent_dim)) / np.sqrt(latent_dim) * 1.5
+    item_latent = rng.normal(size=(size.num_items, latent_dim))
+    item_cat = rng.integers(0, size.num_categories, size.num_items)
+    scene_latent = rng.normal(size=(num_scenes, latent_dim)) / np.sqrt(latent_dim) * 1.5
+    scene_cat = rng.normal(size=(num_scenes, size.num_categories))
+    n = size.num_impressions
+    user = rng.integers(0, size.num_users, n)
+    item = rng.integers(0, size.num_items, n)
+    scene = rng.choice(num_scenes, n, p=shares / shares.sum())
+    cat = item_cat[item]
+    shared = 0.6 * np.einsum("nr,nr->n", user_latent[user], item_latent[item])
+    specific = 0.6 * np.einsum("nr,nr->n", scene_latent[scene], item_latent[item]) + scene_cat[scene, cat]
+    logit = shared + specific - 0.5
+    label = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+    examples = dict(user=user, item=item, cat=cat, scene=scene, label=label, oracle_logit=logit.astype(np.float32))
+    for s in range(num_scenes):
+        examples[f"scene{s}"] = scene == s
+    part = np.random.default_rng([seed, 11]).random(n)
+    splits = {"train": part < 0.8, "val": (part >= 0.8) & (part < 0.9), "test": part >= 0.9}
+    return {name: {k: v[sel] for k, v in examples.items()} for name, sel in splits.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Ad-image click log (CSCNN)
+
+
+@dataclass(frozen=True)
+class AdLogSize:
+    num_users: int
+    num_ads: int
+    num_categories: int  # at most 12: one (colour, quadrant) cue each
+    num_impressions: int
+    image_size: int = 16
+
+
+AD_SIZES = {
+    "tiny": AdLogSize(num_users=50, num_ads=60, num_categories=4, num_impressions=2000),
+    "small": AdLogSize(num_users=2000, num_ads=1500, num_categories=8, num_impressions=100_000),
+    "medium": AdLogSize(num_users=10000, num_ads=6000, num_categories=12, num_impressions=500_000),
+}
+
+
+def ad_features(embedding_dim: int) -> tuple:
+    """Declarations of the ad-image log: user, ad id and the ad's category (the image is an input)."""
+    return (SparseFeat("user", embedding_dim), SparseFeat("ad", embedding_dim), SparseFeat("cat", embedding_dim))
+
+
+def _blob(images, ad, channel, quadrant, rng, size):
+    """Paints a 3x3 square of intensity 1 in `channel` at a random place inside `quadrant` (0..3)."""
+    half = size // 2
+    y0 = (quadrant // 2) * half + rng.integers(0, half - 3, len(ad))
+    x0 = (quadrant % 2) * half + rng.integers(0, half - 3, len(ad))
+    for dy in range(3):
+        for dx in range(3):
+            images[ad, y0 + dy, x0 + dx, channel] = 1.0
+
+
+def generate_ads(size: AdLogSize | str, seed: int = 0) -> tuple[dict, "np.ndarray"]:
+    """An ad-image click log whose clickable visual cue depends on the ad's category.
+
+    Category k has a cue, a blob of colour k % 3 in quadrant (k // 3) % 4 (category A: red top
+    left, category B: green top left, ...). Every ad image [S, S, 3] holds noise, two distractor
+    blobs (random colour and quadrant, often another category's cue) and, for half of the ads,
+    its own category's cue. An impression of ad a (category k) for user u is clicked with
+    probability sigmoid(2 cue(a) + q_{u,k} + e_a - 1): cue(a) = 1 when the image holds the cue of
+    k, q_{u,k} ~ N(0, 0.5^2) a user-category affinity, e_a ~ N(0, 0.3^2) an ad effect. The same
+    blob means 'click' for one category and nothing for another, so the image must be read in
+    the light of the category. Ads are split 70/15/15 into train/val/test, so val/test ads are
+    unseen: their ad ids are out of vocabulary and only the image tells their cue.
+
+    Returns (splits, images): splits {'train','val','test'} of per-impression arrays (`user`,
+    `ad`, `cat`, `ad_index` (row of `images`), `label`, `oracle_logit`) and images
+    [num_ads, S, S, 3] float32.
+    """
+    if isinstance(size, str):
+        if size not in AD_SIZES:
+            raise ValueError(f"ad-log size {size!r} is unknown; choose one of {sorted(AD_SIZES)}.")
+        size = AD_SIZES[size]
+    if size.num_categories > 12:
+        raise ValueError(f"num_categories={size.num_categories}: at most 12 distinct (colour, quadrant) cues.")
+    rng = np.random.default_rng([seed, 20])
+    a, s = size.num_ads, size.image_size
+    ad_cat = rng.integers(0, size.num_categories, a)
+    images = (0.1 * rng.normal(size=(a, s, s, 3))).astype(np.float32)
+    ads = np.arange(a)
+    cue_of = lambda k: (k % 3, (k // 3) % 4)  # noqa: E731  (colour, quadrant)
+    blobs = []
+    for _ in range(2):
+        colour, quadrant = rng.integers(0, 3, a), rng.integers(0, 4, a)
+        _blob(images, ads, colour, quadrant, rng, s)
+        blobs.append((colour, quadrant))
+    own = rng.random(a) < 0.5
+    colour, quadrant = cue_of(ad_cat)
+    _blob(images, ads[own], colour[own], quadrant[own], rng, s)
+    cue = own.copy()
+    for c, q in blobs:
+        cue |= (c == colour) & (q == quadrant)
+    affinity = 0.5 * rng.normal(size=(size.num_users, size.num_categories))
+    ad_effect = 0.3 * rng.normal(size=a)
+    n = size.num_impressions
+    user, ad = rng.integers(0, size.num_users, n), rng.integers(0, a, n)
+    logit = 2.0 * cue[ad] + affinity[user, ad_cat[ad]] + ad_effect[ad] - 1.0
+    label = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+    examples = dict(user=user, ad=ad, cat=ad_cat[ad], ad_index=ad.astype(np.int32), label=label,
+                    oracle_logit=logit.astype(np.float32))
+    part = np.random.default_rng([seed, 21]).random(a)[ad]
+    splits = {"train": part < 0.7, "val": (part >= 0.7) & (part < 0.85), "test": part >= 0.85}
+    return {name: {k: v[sel] for k, v in examples.items()} for name, sel in splits.items()}, images

@@ -126,8 +126,16 @@ def train_dataset(
     return grain.MapDataset.source(_StepBatches(source, global_batch, seed, rows, augment))
 
 
-def train_iterator(ds: grain.MapDataset, prefetch: int = 4, threads: int = 1) -> grain.DatasetIterator:
-    """A prefetching iterator over `ds` whose `get_state`/`set_state` checkpoint its position."""
+def train_iterator(
+    ds: grain.MapDataset, prefetch: int = 4, threads: int = 1, to_device: Callable[[dict], dict] | None = None
+) -> grain.DatasetIterator:
+    """A prefetching iterator over `ds` whose `get_state`/`set_state` checkpoint its position.
+
+    `to_device` (e.g. assembling global sharded arrays) runs in the prefetch thread, so the
+    training thread receives batches already on device.
+    """
+    if to_device is not None:
+        ds = ds.map(to_device)
     opts = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)
     return iter(ds.to_iter_dataset(opts))
 

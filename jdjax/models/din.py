@@ -100,7 +100,7 @@ class BehaviourCTR(nn.Module):
         scorer, pooling = scorer_and_pooling(self.model)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         emb = Embeddings(self.features, self.tables, self.row_multiple, name="embeddings", **kw)(batch)
-        cat = lambda names: jnp.concatenate([emb[n] for n in names], axis=-1)  # noqa: E731
+        cat = lambda names: jnp.concatenate([emb[n] for n in names], axis=-1)
         e_target = cat(self.target)  # [B, Dv]
         values = cat(self.history)  # [B, T, Dv]
         mask = sequence_mask(batch[self.history[0]])  # [B, T]

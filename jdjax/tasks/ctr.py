@@ -1,13 +1,22 @@
-"""CTR prediction with user-behaviour models (KFAtt and its baselines) on the generic loop.
+"""CTR prediction on the generic loop: user-behaviour models (KFAtt and its baselines),
+multi-scene models (DADNN and its baselines) and image CTR models (CSCNN and its baselines).
 
     python -m jdjax.main --config=configs/kfatt.py:smoke                 # one model
+    python -m jdjax.main --config=configs/dadnn.py:smoke
+    python -m jdjax.main --config=configs/cscnn.py:smoke
     python -m jdjax.tasks.ctr --config=configs/kfatt.py --workdir=runs/kfatt-compare   # model set x seeds
 
-Loss: logloss (sigmoid cross-entropy). `predict` returns per-example probabilities, labels, user
-ids and slice flags; `summarize` computes AUC, gAUC (grouped by raw user id, never by the
-encoded id, which maps every unseen user to the one OOV row) and logloss over the split and
-per slice ('new', 'repeat', 'infreq'). The vocabularies are built once over the whole training
-split (or loaded from `data.feature_map`) and written to `<workdir>/feature_map.json`.
+The model family follows from `model.name`: a key of jdjax.models.din.MODELS (behaviour, data
+'clicklog' or 'amazon'), of jdjax.models.dadnn.MODELS (multi-scene, data 'scenes') or of
+jdjax.models.cscnn.MODELS (image, data 'ads').
+
+Loss: logloss (sigmoid cross-entropy) plus any auxiliary loss the model returns (DADNN's
+knowledge transfer). `predict` returns per-example probabilities, labels, user ids and slice
+flags; `summarize` computes AUC, gAUC (grouped by raw user id, never by the encoded id, which
+maps every unseen user to the one OOV row) and logloss over the split and per slice (every
+boolean column of the data: 'new', 'repeat', 'infreq' for click logs, 'scene<k>' for scenes).
+The vocabularies are built once over the whole training split (or loaded from
+`data.feature_map`) and written to `<workdir>/feature_map.json`.
 
 The comparison command (`compare`) trains every model of `compare.models` with every seed of
 `compare.seeds` (the data set stays fixed: `data.seed`), each in `<workdir>/<model>/seed<k>`
@@ -31,66 +40,109 @@ import optax
 
 from jdjax.data.pipeline import ArraySource
 from jdjax.metrics import ctr as ctr_metrics
-from jdjax.models.din import MODELS, BehaviourCTR
+from jdjax.models import cscnn, dadnn, din
 from jdjax.nn.ctr.features import FeatureMap
 from jdjax.tasks.base import Task
 from jdjax.train import sharding as shd
 
-SLICES = ("new", "repeat", "infreq")
-DATA_SOURCES = ("clicklog", "amazon")
-REPORTED = ("auc", "gauc", "logloss", "new/auc", "repeat/auc", "infreq/auc")
+FAMILIES = {"behaviour": din.MODELS, "scenes": dadnn.MODELS, "images": cscnn.MODELS}
+DATA_SOURCES = {"behaviour": ("clicklog", "amazon"), "scenes": ("scenes",), "images": ("ads",)}
+ACTIVATIONS = ("relu", "prelu", "sigmoid")
 
 
-def load_splits(data_cfg) -> tuple[tuple, dict]:
-    """(feature declarations, {'train', 'val', 'test'} -> raw arrays) for `data_cfg.name`."""
+def model_family(name: str) -> str:
+    for family, models in FAMILIES.items():
+        if name in models:
+            return family
+    known = sorted(m for models in FAMILIES.values() for m in models)
+    raise ValueError(f"model.name={name!r} is not a CTR model; choose one of {known}.")
+
+
+def load_splits(data_cfg) -> tuple[tuple, dict, np.ndarray | None]:
+    """(feature declarations, {'train', 'val', 'test'} -> raw arrays, image bank or None) for
+    `data_cfg.name`."""
+    from jdjax.data import clicklog
+
     if data_cfg.name == "clicklog":
-        from jdjax.data import clicklog
-
         splits = clicklog.generate(data_cfg.size, seed=data_cfg.seed, split=data_cfg.split)
         maxlen = splits["train"]["hist_item"].shape[1]
-        return clicklog.features(data_cfg.embedding_dim, maxlen), splits
+        return clicklog.features(data_cfg.embedding_dim, maxlen), splits, None
     if data_cfg.name == "amazon":
         from jdjax.data import amazon
 
         splits = amazon.load(data_cfg.data_dir, maxlen=data_cfg.maxlen, seed=data_cfg.seed)
-        return amazon.features(data_cfg.embedding_dim, data_cfg.maxlen), splits
-    raise ValueError(f"data.name must be one of {DATA_SOURCES}, got {data_cfg.name!r}.")
+        return amazon.features(data_cfg.embedding_dim, data_cfg.maxlen), splits, None
+    if data_cfg.name == "scenes":
+        splits = clicklog.generate_scenes(data_cfg.size, seed=data_cfg.seed)
+        for raw in splits.values():
+            raw["scene_index"] = raw["scene"].astype(np.int32)
+        return clicklog.scene_features(data_cfg.embedding_dim), splits, None
+    if data_cfg.name == "ads":
+        splits, images = clicklog.generate_ads(data_cfg.size, seed=data_cfg.seed)
+        return clicklog.ad_features(data_cfg.embedding_dim), splits, images
+    known = sorted(d for names in DATA_SOURCES.values() for d in names)
+    raise ValueError(f"data.name must be one of {known}, got {data_cfg.name!r}.")
 
 
-def encode_split(fmap: FeatureMap, raw: dict) -> ArraySource:
-    """Model inputs plus what the metrics need: label, group (raw user id as int32) and slice flags."""
+PASSTHROUGH = ("scene_index", "ad_index")  # raw integer inputs the models read besides the features
+
+
+class ImageBankSource:
+    """A source whose batches add `image` [B, S, S, 3] = images[ad_index]: one copy of each ad image
+    in memory however many impressions show it."""
+
+    def __init__(self, rows: ArraySource, images: np.ndarray):
+        self.rows, self.images = rows, images
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        batch = self.rows.get_batch(indices)
+        batch["image"] = self.images[batch["ad_index"]]
+        return batch
+
+
+def encode_split(fmap: FeatureMap, raw: dict, images: np.ndarray | None = None):
+    """Model inputs plus what the metrics need: label, group (raw user id as int32) and slice flags
+    (every boolean column); with an image bank, batches also carry the ad images."""
     names = [f.name for f in fmap.features]
     enc = fmap.encode({k: raw[k] for k in names})
     _, group = np.unique(raw["user"], return_inverse=True)
     arrays = {k: enc[k] for k in names}
     arrays["label"] = raw["label"].astype(np.float32)
     arrays["group"] = group.reshape(-1).astype(np.int32)
-    for s in SLICES:
-        if s in raw:
-            arrays[s] = raw[s].astype(bool)
-    return ArraySource(arrays)
+    arrays.update({k: raw[k].astype(np.int32) for k in PASSTHROUGH if k in raw})
+    arrays.update({k: v for k, v in raw.items() if v.dtype == bool})
+    return ArraySource(arrays) if images is None else ImageBankSource(ArraySource(arrays), images)
 
 
-def build_model(model_cfg, fmap: FeatureMap) -> BehaviourCTR:
-    return BehaviourCTR(
-        features=fmap.features,
-        tables=fmap.tables(),
-        model=model_cfg.name,
-        mlp_hidden=tuple(model_cfg.mlp_hidden),
-        activation=model_cfg.activation,
-        dropout=model_cfg.dropout,
-        din_hidden=tuple(model_cfg.din_hidden),
-        num_heads=model_cfg.num_heads,
-        head_dim=model_cfg.head_dim,
-        prior_hidden=model_cfg.prior_hidden,
-        prior=model_cfg.prior,
-        row_multiple=model_cfg.table_row_multiple,
-        dtype=jnp.dtype(model_cfg.dtype),
+def build_model(model_cfg, fmap: FeatureMap, num_scenes: int = 0):
+    dtype = jnp.dtype(model_cfg.dtype)
+    if model_family(model_cfg.name) == "images":
+        return cscnn.ImageCTR(
+            features=fmap.features, tables=fmap.tables(), model=model_cfg.name, channels=tuple(model_cfg.channels),
+            visual_dim=model_cfg.visual_dim, prior_channels=model_cfg.prior_channels, reduction=model_cfg.reduction,
+            mlp_hidden=tuple(model_cfg.mlp_hidden), activation=model_cfg.activation,
+            max_unique_images=model_cfg.max_unique_images, row_multiple=model_cfg.table_row_multiple, dtype=dtype,
+        )
+    if model_family(model_cfg.name) == "scenes":
+        return dadnn.DADNN(
+            features=fmap.features, tables=fmap.tables(), model=model_cfg.name, num_scenes=num_scenes,
+            scene="scene_index", bottom_hidden=tuple(model_cfg.bottom_hidden), head_hidden=tuple(model_cfg.head_hidden),
+            num_experts=model_cfg.num_experts, activation=model_cfg.activation, kt_weight=model_cfg.kt_weight,
+            kt_stop_gradient=model_cfg.kt_stop_gradient, row_multiple=model_cfg.table_row_multiple, dtype=dtype,
+        )
+    return din.BehaviourCTR(
+        features=fmap.features, tables=fmap.tables(), model=model_cfg.name, mlp_hidden=tuple(model_cfg.mlp_hidden),
+        activation=model_cfg.activation, dropout=model_cfg.dropout, din_hidden=tuple(model_cfg.din_hidden),
+        num_heads=model_cfg.num_heads, head_dim=model_cfg.head_dim, prior_hidden=model_cfg.prior_hidden,
+        prior=model_cfg.prior, row_multiple=model_cfg.table_row_multiple, dtype=dtype,
     )
 
 
 def summarize(out: dict[str, np.ndarray]) -> dict[str, float]:
-    """AUC, gAUC, logloss and counts over the split, and AUC/logloss/count per slice present."""
+    """AUC, gAUC, logloss and counts over the split, and AUC/logloss/count per slice flag present."""
     y, p = out["label"], out["prob"]
     metrics = {
         "auc": ctr_metrics.auc(y, p),
@@ -99,29 +151,32 @@ def summarize(out: dict[str, np.ndarray]) -> dict[str, float]:
         "ctr": float(np.mean(y)) if len(y) else float("nan"),
         "count": float(len(y)),
     }
-    for s in SLICES:
-        if s in out:
-            sel = out[s].astype(bool)
-            metrics.update({f"{s}/auc": ctr_metrics.auc(y[sel], p[sel]), f"{s}/logloss": ctr_metrics.logloss(y[sel], p[sel]),
-                            f"{s}/count": float(sel.sum())})
+    for s, flag in out.items():
+        if flag.dtype == bool:
+            metrics.update({f"{s}/auc": ctr_metrics.auc(y[flag], p[flag]), f"{s}/logloss": ctr_metrics.logloss(y[flag], p[flag]),
+                            f"{s}/count": float(flag.sum())})
     return metrics
 
 
 def ctr_task(model, fmap: FeatureMap, sources: dict, **task_kwargs) -> Task:
-    """A Task for a module mapping an encoded batch to (logits [B], aux) (`train` kwarg, dropout rng)."""
+    """A Task for a module mapping an encoded batch to (logits [B], aux) (`train` kwarg, dropout rng);
+    aux['losses'] (optional) holds weighted auxiliary loss terms added to the logloss."""
     sample = sources["train"].get_batch(np.arange(2))
+    slices = tuple(k for k, v in sample.items() if v.dtype == bool)
 
     def init(rng):
         return model.init({"params": rng}, {k: jnp.asarray(v) for k, v in sample.items()})["params"]
 
     def loss(params, batch, rng):
-        logits, _ = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
-        return optax.sigmoid_binary_cross_entropy(logits, batch["label"]).mean(), {}
+        logits, aux = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
+        logloss = optax.sigmoid_binary_cross_entropy(logits, batch["label"]).mean()
+        extra = aux.get("losses", {})
+        return logloss + sum(extra.values()), {"logloss": logloss, **extra}
 
     def predict(params, batch):
         logits, _ = model.apply({"params": params}, batch, train=False)  # [B]
         out = {"prob": jax.nn.sigmoid(logits), "label": batch["label"], "group": batch["group"]}
-        out.update({s: batch[s] for s in SLICES if s in batch})
+        out.update({s: batch[s] for s in slices})
         return out
 
     def report(workdir, results):
@@ -134,10 +189,11 @@ def ctr_task(model, fmap: FeatureMap, sources: dict, **task_kwargs) -> Task:
 
 
 def build(config) -> Task:
-    features, splits = load_splits(config.data)
+    features, splits, images = load_splits(config.data)
     fmap = FeatureMap.load(config.data.feature_map) if config.data.feature_map else FeatureMap.fit(features, splits["train"])
-    sources = {name: encode_split(fmap, raw) for name, raw in splits.items()}
-    model = build_model(config.model, fmap)
+    sources = {name: encode_split(fmap, raw, images) for name, raw in splits.items()}
+    num_scenes = int(splits["train"]["scene_index"].max()) + 1 if "scene_index" in splits["train"] else 0
+    model = build_model(config.model, fmap, num_scenes)
     task = ctr_task(model, fmap, sources, trainable=config.trainable)
     check_shardable(task.init, config)
     return task
@@ -164,7 +220,8 @@ def check_shardable(init, config) -> None:
     jax.tree_util.tree_map_with_path(check, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     if problems:
         raise ValueError(
-            "parameters cannot be split evenly under sharding_rules=" f"{config.sharding_rules!r}: " + "; ".join(problems[:5])
+            f"parameters cannot be split evenly under sharding_rules={config.sharding_rules!r}: "
+            + "; ".join(problems[:5])
             + ". Make those widths multiples of the mesh axis sizes (tables: --config.model.table_row_multiple) "
             "or use other rules."
         )
@@ -172,26 +229,34 @@ def check_shardable(init, config) -> None:
 
 def validate(config) -> list[str]:
     """Config problems visible before anything is built."""
+    try:
+        family = model_family(config.model.name)
+    except ValueError as e:
+        return [str(e)]
+    if config.data.name not in DATA_SOURCES[family]:
+        return [f"model.name={config.model.name!r} needs data.name in {DATA_SOURCES[family]}, got {config.data.name!r} "
+                f"(use the config file of that model family)."]
     errors = []
-    if config.model.name not in MODELS:
-        errors.append(f"model.name={config.model.name!r} is not a behaviour model; choose one of {sorted(MODELS)}.")
-    if config.data.name not in DATA_SOURCES:
-        errors.append(f"data.name must be one of {DATA_SOURCES}, got {config.data.name!r}.")
     if config.data.name == "amazon" and not config.data.data_dir:
         errors.append("data.name='amazon' needs --config.data.data_dir (the directory with the reviews and meta files).")
-    if config.data.name == "clicklog":
-        from jdjax.data.clicklog import SIZES
+    if config.data.name in ("clicklog", "scenes", "ads"):
+        from jdjax.data.clicklog import AD_SIZES, SCENE_SIZES, SIZES
 
-        if config.data.size not in SIZES:
-            errors.append(f"data.size={config.data.size!r} is unknown; choose one of {sorted(SIZES)}.")
-        if config.data.split not in ("time", "user"):
-            errors.append(f"data.split must be 'time' or 'user', got {config.data.split!r}.")
-    if config.model.activation not in ("relu", "prelu", "sigmoid"):
+        sizes = {"clicklog": SIZES, "scenes": SCENE_SIZES, "ads": AD_SIZES}[config.data.name]
+        if config.data.size not in sizes:
+            errors.append(f"data.size={config.data.size!r} is unknown; choose one of {sorted(sizes)}.")
+    if config.data.name == "clicklog" and config.data.split not in ("time", "user"):
+        errors.append(f"data.split must be 'time' or 'user', got {config.data.split!r}.")
+    if config.model.activation not in ACTIVATIONS:
         hint = (" Dice needs running statistics (a mutable 'batch_stats' collection), which the generic loop's "
                 "TrainState does not carry;" if config.model.activation == "dice" else "")
         errors.append(f"model.activation={config.model.activation!r} is not supported by the CTR task.{hint} use 'prelu'.")
-    if config.model.prior not in ("learned", "unit"):
+    if family == "behaviour" and config.model.prior not in ("learned", "unit"):
         errors.append(f"model.prior must be 'learned' or 'unit', got {config.model.prior!r}.")
+    if family == "images" and config.model.max_unique_images < 0:
+        errors.append(f"model.max_unique_images must be >= 0 (0 = off), got {config.model.max_unique_images}.")
+    if family == "scenes" and config.model.kt_weight < 0:
+        errors.append(f"model.kt_weight must be >= 0, got {config.model.kt_weight}.")
     if config.data.feature_map and not os.path.exists(config.data.feature_map):
         errors.append(f"data.feature_map={config.data.feature_map!r} does not exist; leave it empty to build one.")
     if config.model.table_row_multiple <= 0:
@@ -208,9 +273,10 @@ def compare(config, workdir: str, models: list[str] | None = None, seeds: list[i
 
     models = models or [m for m in config.compare.models.split(",") if m]
     seeds = seeds or [int(s) for s in config.compare.seeds.split(",") if s]
-    unknown = [m for m in models if m not in MODELS]
+    known = {m for family in FAMILIES.values() for m in family}
+    unknown = [m for m in models if m not in known]
     if unknown:
-        raise jmain.UsageError(f"compare.models names unknown models {unknown}; choose from {sorted(MODELS)}.")
+        raise jmain.UsageError(f"compare.models names unknown models {unknown}; choose from {sorted(known)}.")
     runs: dict[str, list[dict]] = {}
     for model in models:
         for seed in seeds:
@@ -223,7 +289,9 @@ def compare(config, workdir: str, models: list[str] | None = None, seeds: list[i
                 jmain.run(cfg, run_dir)
             with open(done) as f:
                 runs.setdefault(model, []).append(json.load(f))
-    table = comparison_table(runs, [f"test/{m}" for m in REPORTED])
+    first = next(iter(runs.values()))[0]
+    slices = [k for k in first if k.startswith("test/") and k.endswith("/auc") and k.count("/") == 2]
+    table = comparison_table(runs, ["test/auc", "test/gauc", "test/logloss", *slices])
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "compare.json"), "w") as f:
         json.dump({**table, "seeds": seeds, "data": config.data.to_dict(), "num_train_steps": config.num_train_steps}, f, indent=2)
@@ -251,9 +319,10 @@ def comparison_table(runs: dict[str, list[dict]], metrics: list[str]) -> dict:
 def comparison_markdown(table: dict, config, seeds: list[int]) -> str:
     metrics = table["metrics"]
     head = "| model | " + " | ".join(m.removeprefix("test/") for m in metrics) + f" | RelaImpr vs {table['base']} |"
+    title = (f"# CTR comparison: {config.data.name} ({config.data.get('size', '')}), {len(seeds)} seeds {seeds}, "
+             f"{config.num_train_steps} steps")
     lines = [
-        f"# CTR comparison: {config.data.name} ({config.data.get('size', '')}), {len(seeds)} seeds {seeds}, "
-        f"{config.num_train_steps} steps",
+        title,
         "",
         "Test metrics of the checkpoint selected on val/auc, mean ± std over seeds.",
         "",

@@ -190,7 +190,9 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
     ds = pipeline.train_dataset(
         task.train_source, config.batch_size, config.seed, jax.process_index(), jax.process_count(), task.augment
     )
-    it = pipeline.train_iterator(ds, prefetch=config.data.prefetch)
+    it = pipeline.train_iterator(
+        ds, prefetch=config.data.prefetch, to_device=lambda b: shd.global_batch_from_local(b, mesh)
+    )
     if restored is None:
         state, start_step = c.init_state(), 0
     else:
@@ -245,8 +247,7 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
     with _Preemption() as preemption:
         try:
             for step in range(start_step + 1, num_steps + 1):
-                batch = shd.global_batch_from_local(next(it), mesh)
-                state, metrics = train_step(state, batch, train_rng)
+                state, metrics = train_step(state, next(it), train_rng)
                 pending.append((step, metrics))
                 if chrono.compile_seconds is None:
                     chrono.compile_seconds = chrono.first_step(metrics)

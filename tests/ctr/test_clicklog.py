@@ -1,5 +1,7 @@
 """The embedded click log: determinism, layout, splits, slice flags and the planted structure."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -50,7 +52,7 @@ def test_clicked_targets_join_the_history():
     for u in np.unique(d["user"])[:20]:
         rows = np.flatnonzero(d["user"] == u)
         rows = rows[np.argsort(d["time"][rows])]
-        for a, b in zip(rows[:-1], rows[1:]):
+        for a, b in itertools.pairwise(rows):
             last = d["hist_item"][b][d["hist_item"][b] != clicklog.PAD][-1]
             if d["label"][a] == 1:
                 assert last == d["item"][a]

@@ -88,7 +88,7 @@ def test_stable_for_extreme_scores():
 
 
 def test_infinite_prior_variance_is_masked_softmax_attention():
-    s0, mu, scores, values, mask, _, _ = _inputs(seed=3)
+    _, mu, scores, values, mask, _, _ = _inputs(seed=3)
     no_prior = jnp.full((B,), -jnp.inf)
     out, _ = kfatt.kfatt_base(no_prior, jnp.asarray(mu), jnp.asarray(scores), jnp.asarray(values), jnp.asarray(mask))
     ref, _ = softmax_pool(jnp.asarray(scores), jnp.asarray(values), jnp.asarray(mask))
@@ -97,7 +97,7 @@ def test_infinite_prior_variance_is_masked_softmax_attention():
 
 
 def test_empty_history_returns_the_prior_mean():
-    s0, mu, scores, values, mask, keys, lv = _inputs(seed=4)
+    s0, mu, scores, values, _, keys, lv = _inputs(seed=4)
     empty = jnp.zeros((B, T), bool)
     out, _ = kfatt.kfatt_base(jnp.asarray(s0), jnp.asarray(mu), jnp.asarray(scores), jnp.asarray(values), empty)
     out_f, _, _ = kfatt.kfatt_freq(jnp.asarray(s0), jnp.asarray(mu), jnp.asarray(scores), jnp.asarray(values), empty,
@@ -140,7 +140,7 @@ def test_freq_is_the_joint_map_over_interest_and_sensors():
         return total + 0.5 * jnp.sum(jnp.where(mask, jnp.exp(-lv[slot]) * err, 0.0))
 
     def joint_map(*args):
-        f = lambda x: neg_log_post(x.reshape(1 + T, D), *args)  # noqa: E731
+        f = lambda x: neg_log_post(x.reshape(1 + T, D), *args)
         x0 = jnp.zeros((1 + T) * D)
         return (x0 - jnp.linalg.solve(jax.hessian(f)(x0), jax.grad(f)(x0))).reshape(1 + T, D)[0]
 

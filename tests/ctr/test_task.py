@@ -59,7 +59,8 @@ def test_summarize_per_slice():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"model.name": "dien"}, "model.name='dien' is not a behaviour model"),
+        ({"model.name": "dien"}, "model.name='dien' is not a CTR model"),
+        ({"model.name": "dadnn_mlp"}, "needs data.name in ('scenes',)"),
         ({"model.activation": "dice"}, "Dice needs running statistics"),
         ({"data.name": "amazon"}, "needs --config.data.data_dir"),
         ({"data.size": "huge"}, "data.size='huge' is unknown"),
@@ -111,16 +112,17 @@ def test_compare_aggregates_finished_runs(tmp_path):
         for seed, auc in enumerate(values):
             run = tmp_path / model / f"seed{seed}"
             run.mkdir(parents=True)
-            (run / "results.json").write_text(json.dumps({"test/auc": auc, "test/gauc": auc - 0.1, "test/logloss": 0.5}))
+            slices = {"test/new/auc": 0.6} if model == "sum" else {}
+            (run / "results.json").write_text(json.dumps({"test/auc": auc, "test/gauc": auc - 0.1, "test/logloss": 0.5, **slices}))
     table = ctr.compare(smoke(), str(tmp_path), models=["sum", "kfatt_base"], seeds=[0, 1])
     base, ours = table["rows"]
     assert base["model"] == "sum" and base["relaimpr"] == 0.0
     assert ours["test/auc_mean"] == pytest.approx(0.82) and ours["test/auc_std"] == pytest.approx(np.std([0.8, 0.84], ddof=1))
     assert ours["relaimpr"] == pytest.approx((0.82 - 0.5) / (0.71 - 0.5) - 1)
-    assert np.isnan(ours["test/new/auc_mean"])  # not in these results
-    saved = json.load(open(tmp_path / "compare.json"))
+    assert base["test/new/auc_mean"] == pytest.approx(0.6) and np.isnan(ours["test/new/auc_mean"])  # missing
+    saved = json.loads((tmp_path / "compare.json").read_text())
     assert saved["seeds"] == [0, 1] and saved["rows"][1]["model"] == "kfatt_base"
-    md = open(tmp_path / "compare.md").read()
+    md = (tmp_path / "compare.md").read_text()
     assert "| kfatt_base | 0.8200 ± 0.0283 |" in md
     with pytest.raises(jmain.UsageError, match="unknown models"):
         ctr.compare(smoke(), str(tmp_path), models=["dien"], seeds=[0])

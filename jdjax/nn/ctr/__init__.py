@@ -1,13 +1,38 @@
 """Shared CTR blocks: feature declarations and vocabularies, embedding tables, the MLP tower
 (PReLU / Dice), DIN's local activation unit, a Transformer behaviour encoder and MMoE."""
 
-from jdjax.nn.ctr.attention import BehaviourEncoder, LocalActivationUnit, masked_softmax, softmax_pool
+from jdjax.nn.ctr.attention import (
+    BehaviourEncoder,
+    LocalActivationUnit,
+    masked_softmax,
+    softmax_pool,
+)
 from jdjax.nn.ctr.embedding import Embeddings, pool, sequence_mask
-from jdjax.nn.ctr.features import DenseFeat, FeatureMap, SparseFeat, TableSpec, VarLenFeat
+from jdjax.nn.ctr.features import (
+    DenseFeat,
+    FeatureMap,
+    SparseFeat,
+    TableSpec,
+    VarLenFeat,
+)
 from jdjax.nn.ctr.layers import MLP, Dice, PReLU
 from jdjax.nn.ctr.moe import MMoE
 
 __all__ = [
-    "BehaviourEncoder", "DenseFeat", "Dice", "Embeddings", "FeatureMap", "LocalActivationUnit", "MLP", "MMoE",
-    "PReLU", "SparseFeat", "TableSpec", "VarLenFeat", "masked_softmax", "pool", "sequence_mask", "softmax_pool",
+    "MLP",
+    "BehaviourEncoder",
+    "DenseFeat",
+    "Dice",
+    "Embeddings",
+    "FeatureMap",
+    "LocalActivationUnit",
+    "MMoE",
+    "PReLU",
+    "SparseFeat",
+    "TableSpec",
+    "VarLenFeat",
+    "masked_softmax",
+    "pool",
+    "sequence_mask",
+    "softmax_pool",
 ]

@@ -13,7 +13,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdjax.nn.ctr.features import PAD_ID, DenseFeat, TableSpec, VarLenFeat, check_features
+from jdjax.nn.ctr.features import (
+    PAD_ID,
+    DenseFeat,
+    TableSpec,
+    VarLenFeat,
+    check_features,
+)
 
 Dtype = Any
 

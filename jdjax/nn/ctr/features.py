@@ -120,7 +120,7 @@ class FeatureMap:
     vocabularies: dict[str, np.ndarray]
 
     @classmethod
-    def fit(cls, features, columns: dict[str, np.ndarray]) -> "FeatureMap":
+    def fit(cls, features, columns: dict[str, np.ndarray]) -> FeatureMap:
         """Builds every table's vocabulary from the training columns of all features sharing it.
 
         Args:
@@ -198,7 +198,7 @@ class FeatureMap:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> "FeatureMap":
+    def from_json(cls, data: dict) -> FeatureMap:
         if data.get("version") != FEATURE_MAP_VERSION:
             raise ValueError(f"feature map version {data.get('version')!r} is not {FEATURE_MAP_VERSION}; rebuild it.")
         features = tuple(_KINDS[d.pop("type")](**d) for d in (dict(x) for x in data["features"]))
@@ -217,7 +217,7 @@ class FeatureMap:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str) -> "FeatureMap":
+    def load(cls, path: str) -> FeatureMap:
         if not os.path.exists(path):
             raise FileNotFoundError(f"feature map {path!r} does not exist; build it from the training data first.")
         try:
