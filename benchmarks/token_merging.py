@@ -5,13 +5,15 @@
     python -m benchmarks.token_merging --smoke                # tiny model, records nothing
 
 Per device (the CPU, plus the default accelerator if there is one) and batch size, every case
-is one `jax.jit(model.apply)` timed with `harness.time_call` (first call = compile + run,
-reported apart as compile_s; one warm-up call; median of --repeats calls). All cases share the
-same random parameters (ToMe adds none) and one random input batch. Columns:
+is one `jax.jit(model.apply)`. Its first call (compile + run) goes through `harness.time_call`
+and is reported apart as compile_s (first call minus the median); `time_call`'s one timed call
+serves as the warm-up. Then the cases (and the merge-kernel chains below) are timed in
+--repeats interleaved rounds, each round calling every function once in a rotated order, and
+each case reports its median over the rounds: on a shared machine a change of load then
+affects dense and merged cases alike, which a block of repeats per case does not. All cases
+share the same random parameters (ToMe adds none) and one random input batch. Columns:
 
-- images_per_s = batch / median; speedup = dense median / case median, both measured in this
-  run. Dense is timed first and again last (the machine may be shared); its median is the
-  mean of the two, and dense_drift_pct says how much they differ.
+- images_per_s = batch / median; speedup = dense median / case median (same run, same rounds).
 - xla_gflop: `jit(f).lower(...).compile().cost_analysis()['flops']` per image (XLA counts 2
   FLOPs per multiply-add plus element-wise work); gmacs: the analytic MACs per image in the
   spec's convention (`jdjax.merging.flops`: patch embedding + blocks, no head, no matching);
@@ -22,10 +24,10 @@ same random parameters (ToMe adds none) and one random input batch. Columns:
   `TokenMerger` does (keys averaged over heads -> `bipartite_soft_matching` ->
   `merge_wavg` with sizes), the keys being the tokens viewed as [B, N_l, H, Dh]. merge_pct
   times matching + weighted merge; match_pct times the matching alone (block l then just
-  slices its input to N_{l+1} tokens and keeps the indices alive). Both chains are timed
-  like the model (median after warm-up) and divided by the case's model median.
-- traces: how often the case's jitted function was traced for this batch shape (jit should
-  compile once per shape: 1 for every row, however many calls were timed).
+  slices its input to N_{l+1} tokens and keeps the indices alive). Both chains are timed in
+  the same rounds as the models and their medians divided by the case's model median.
+- traces: how often the case's jitted function was traced for this batch shape over the first
+  call, the warm-up and all rounds (jit should compile once per shape: 1 in every row).
 - tokens: N_0 > N_1 > ... > N_L after the 50% clamp.
 - load1: the machine's 1-minute load average when the row was written (2 cores shared).
 """
@@ -35,12 +37,14 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import statistics
+import time
 
 from absl import app, flags
 
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to time.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per case after one warm-up call (median reported).")
-_SMOKE = flags.DEFINE_bool("smoke", False, "Tiny model, batch 1 and 2, two repeats; print but do not record.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timing rounds (one call per case each; median reported).")
+_SMOKE = flags.DEFINE_bool("smoke", False, "Tiny model, batch 1 and 2, three rounds; print but do not record.")
 _MODEL = flags.DEFINE_string("model", "B/16", "ViT name (jdjax.nn.vit.vit_config).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Input resolution.")
 
@@ -49,13 +53,14 @@ SMOKE_MODEL = dict(patch_size=8, width=64, depth=4, num_heads=2, mlp_dim=128)  #
 BENCHMARK = "token_merging"
 NOTES = (
     "ViT forward pass (float32, random weights, 1000-class head) with ToMe merging r tokens per block "
-    "(proportional attention on). speedup = dense median / case median in the same run; dense is timed "
-    "first and last (mean of both medians, drift in dense_drift_pct). xla_gflop = XLA cost_analysis FLOPs "
-    "per image; gmacs = analytic MACs per image (jdjax.merging.flops: patch embedding + blocks, no head, "
-    "no matching). match_pct / merge_pct = time of the matching alone / matching + weighted merge, timed "
-    "as a jitted chain of the merge kernels at every block's shapes, as a share of the model's forward "
-    "time. load1 = 1-minute load average (2 shared cores). traces = times the case's jit traced for this shape (should be 1). "
-    "Targets: r=16 >= 1.9x dense on CPU; merge_pct < 10; traces == 1."
+    "(proportional attention on). Median over interleaved rounds (every case once per round, rotated "
+    "order) after compile and one warm-up; compile_s = first call - median. speedup = dense median / case "
+    "median in the same rounds. xla_gflop = XLA cost_analysis FLOPs per image; gmacs = analytic MACs per "
+    "image (jdjax.merging.flops: patch embedding + blocks, no head, no matching). match_pct / merge_pct = "
+    "time of the matching alone / matching + weighted merge, timed as a jitted chain of the merge kernels "
+    "at every block's shapes (in the same rounds), as a share of the case's forward time. traces = times "
+    "the case's jit traced for this shape (should be 1). load1 = 1-minute load average when the row was "
+    "written (2 shared cores). Targets: r=16 >= 1.9x dense on CPU; merge_pct < 10; traces == 1."
 )
 
 
@@ -98,6 +103,24 @@ def merge_chain(counts, num_heads: int, matching_only: bool):
     return fn
 
 
+def interleaved(fns: dict, rounds: int) -> dict:
+    """Times every fn once per round, rotating the order each round, so that a change of load on
+    a shared machine hits every case alike; returns {name: time_call-style summary}."""
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for k in range(rounds):
+        for name in names[k % len(names):] + names[: k % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        p10, p90 = (ts[min(len(ts) - 1, int(f * len(ts)))] for f in (0.1, 0.9))  # as harness.time_call
+        out[name] = {"median_s": statistics.median(ts), "p10_s": p10, "p90_s": p90, "repeats": rounds}
+    return out
+
+
 def run_device(device, model_dims: dict, image_size: int, batch_sizes, repeats: int, smoke: bool):
     import jax
     import jax.numpy as jnp
@@ -117,61 +140,50 @@ def run_device(device, model_dims: dict, image_size: int, batch_sizes, repeats: 
         return models[label].apply(params, x)
 
     jitted = {label: jax.jit(functools.partial(forward, label)) for label, _ in CASES}
-    dense_model = models["dense"]
     with jax.default_device(device):
-        params = jax.jit(dense_model.init)(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
+        params = jax.jit(models["dense"].init)(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
     params = jax.device_put(params, device)
     macs = {label: flops.count_model(m, image_size) for label, m in models.items()}
     name = f"{'smoke ' if smoke else ''}ViT-{_MODEL.value if not smoke else 'tiny'}@{image_size} {device.platform}"
+    rng = np.random.default_rng(0)
 
     for batch in batch_sizes:
-        x = jax.device_put(np.random.default_rng(0).uniform(-1, 1, (batch, image_size, image_size, 3)).astype(np.float32),
-                           device)
-        timings, rows = {}, {}
-        order = [label for label, _ in CASES] + ["dense"]
-        for i, label in enumerate(order):
-            before = traces[label]
-            f = jitted[label]
-            t = harness.time_call(lambda f=f, x=x: jax.block_until_ready(f(params, x)), warmup=1, repeats=repeats)
-            if label in timings:  # dense, second time
-                timings[label] = (timings[label], t)
-                continue
-            timings[label] = t
-            rows[label] = {"traces": traces[label] - before,
-                           "xla_gflop": _cost_flops(f.lower(params, x).compile()) / batch / 1e9}
-            print(f"  {name} b{batch} {label}: {t['median_s'] * 1e3:.1f} ms (first call {t['first_s']:.1f} s)", flush=True)
-        first, last = timings["dense"]
-        dense_s = (first["median_s"] + last["median_s"]) / 2
+        x = jax.device_put(rng.uniform(-1, 1, (batch, image_size, image_size, 3)).astype(np.float32), device)
+        x0 = jax.device_put(rng.normal(size=(batch, macs["dense"].token_counts[0], model_dims["width"]))
+                            .astype(np.float32), device)
+        fns, first, extra = {}, {}, {}
+        before = dict(traces)
+        for label, _ in CASES:  # compile (first call, reported apart) and one warm-up call per function
+            fns[label] = lambda f=jitted[label], x=x: jax.block_until_ready(f(params, x))
+            first[label] = harness.time_call(fns[label], warmup=0, repeats=1)["first_s"]
+            extra[label] = {"xla_gflop": _cost_flops(jitted[label].lower(params, x).compile()) / batch / 1e9}
+            if label != "dense":
+                for kind, only in (("match", True), ("merge", False)):
+                    chain = jax.jit(merge_chain(macs[label].token_counts, model_dims["num_heads"], only))
+                    fns[f"{label} {kind}"] = lambda chain=chain, x0=x0: jax.block_until_ready(chain(x0))
+                    harness.time_call(fns[f"{label} {kind}"], warmup=0, repeats=1)
+            print(f"  {name} b{batch} {label}: compiled, first call {first[label]:.1f} s", flush=True)
+        timing = interleaved(fns, repeats)
+        dense_s = timing["dense"]["median_s"]
         for label, _ in CASES:
-            t = timings[label] if label != "dense" else first
-            median = dense_s if label == "dense" else t["median_s"]
+            t = timing[label]
             counts = macs[label].token_counts
             metrics = {
-                "images_per_s": batch / median,
-                "speedup": dense_s / median,
-                "median_ms": 1e3 * median,
+                "images_per_s": batch / t["median_s"],
+                "speedup": dense_s / t["median_s"],
+                "median_ms": 1e3 * t["median_s"],
                 "p10_p90_ms": f"{1e3 * t['p10_s']:.4g}-{1e3 * t['p90_s']:.4g}",
-                "compile_s": t["first_s"] - t["median_s"],
-                "xla_gflop": rows[label]["xla_gflop"],
+                "compile_s": first[label] - t["median_s"],
+                "xla_gflop": extra[label]["xla_gflop"],
                 "gmacs": macs[label].gmacs,
                 "gmacs_speedup": macs["dense"].total / macs[label].total,
-                "match_pct": 0.0,
-                "merge_pct": 0.0,
-                "traces": rows[label]["traces"],
+                "match_pct": 0.0 if label == "dense" else 100 * timing[f"{label} match"]["median_s"] / t["median_s"],
+                "merge_pct": 0.0 if label == "dense" else 100 * timing[f"{label} merge"]["median_s"] / t["median_s"],
+                "traces": traces[label] - before[label],  # over the first call, warm-up and all rounds
                 "tokens": ">".join(str(n) for n in counts),
                 "load1": os.getloadavg()[0],
+                "notes": NOTES,
             }
-            if label == "dense":
-                metrics["dense_drift_pct"] = 100 * (last["median_s"] / first["median_s"] - 1)
-            else:
-                x0 = jax.device_put(np.random.default_rng(1).normal(size=(batch, counts[0], model_dims["width"]))
-                                    .astype(np.float32), device)
-                for key, only in (("match_pct", True), ("merge_pct", False)):
-                    chain = jax.jit(merge_chain(counts, model_dims["num_heads"], only))
-                    tc = harness.time_call(lambda chain=chain, x0=x0: jax.block_until_ready(chain(x0)), warmup=1,
-                                           repeats=max(repeats, 10))
-                    metrics[key] = 100 * tc["median_s"] / median
-            metrics["notes"] = NOTES
             harness.record(BENCHMARK, f"{name} b{batch} {label}", metrics, smoke=smoke)
 
 
@@ -186,7 +198,7 @@ def main(argv):
     dims = SMOKE_MODEL if smoke else vit_config(_MODEL.value)
     image_size = 32 if smoke else _IMAGE_SIZE.value
     batch_sizes = [1, 2] if smoke else [int(b) for b in _BATCH_SIZES.value]
-    repeats = 2 if smoke else _REPEATS.value
+    repeats = 3 if smoke else _REPEATS.value
     devices = [jax.devices("cpu")[0]]
     if jax.default_backend() != "cpu":
         devices.append(jax.devices()[0])

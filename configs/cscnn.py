@@ -40,7 +40,7 @@ def get_config(arg=None):
             dtype="float32",
         )
     )
-    c.compare = ml_collections.ConfigDict(dict(models="no_image,cnn,cbam,cscnn", seeds="0,1,2"))
+    c.compare = ml_collections.ConfigDict(dict(models="cnn,no_image,cbam,cscnn", seeds="0,1,2"))
     c.batch_size = 256
     c.eval_batch_size = 1024
     c.num_train_steps = 1200  # ~4.5 epochs of the small ad log

@@ -103,7 +103,7 @@ def read_reviews(data_dir: str) -> tuple[list[str], list[str], np.ndarray, dict[
 def load(data_dir: str, maxlen: int = 100, seed: int = 0, infreq_threshold: int = 2000) -> dict:
     """The {'train', 'val', 'test'} splits (see the module docstring) as dicts of arrays."""
     users, items, times, category = read_reviews(data_dir)
-    user_ids, user_idx = np.unique(np.asarray(users), return_inverse=True)
+    _, user_idx = np.unique(np.asarray(users), return_inverse=True)
     item_names, item_idx = np.unique(np.asarray(items), return_inverse=True)
     cat_names, item_cat = np.unique(
         np.asarray([category.get(name, UNKNOWN_CATEGORY) for name in item_names]), return_inverse=True

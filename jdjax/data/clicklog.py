@@ -45,7 +45,7 @@ and `infreq` (the target category is among the rarest: fewer training impression
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -265,11 +265,6 @@ def _mark_infreq(splits: dict, num_categories: int, quantile: float) -> None:
         arrays["infreq"] = rare[arrays["cat"]]
 
 
-def with_size(name: str, **overrides) -> ClickLogSize:
-    """A named size with some fields changed, e.g. with_size('small', num_users=1000)."""
-    return replace(SIZES[name], **overrides)
-
-
 # ---------------------------------------------------------------------------------------------
 # Multi-scene click log (DADNN)
 
@@ -377,7 +372,7 @@ def _blob(images, ad, channel, quadrant, rng, size):
             images[ad, y0 + dy, x0 + dx, channel] = 1.0
 
 
-def generate_ads(size: AdLogSize | str, seed: int = 0) -> tuple[dict, "np.ndarray"]:
+def generate_ads(size: AdLogSize | str, seed: int = 0) -> tuple[dict, np.ndarray]:
     """An ad-image click log whose clickable visual cue depends on the ad's category.
 
     Category k has a cue, a blob of colour k % 3 in quadrant (k // 3) % 4 (category A: red top
@@ -405,7 +400,7 @@ def generate_ads(size: AdLogSize | str, seed: int = 0) -> tuple[dict, "np.ndarra
     ad_cat = rng.integers(0, size.num_categories, a)
     images = (0.1 * rng.normal(size=(a, s, s, 3))).astype(np.float32)
     ads = np.arange(a)
-    cue_of = lambda k: (k % 3, (k // 3) % 4)  # noqa: E731  (colour, quadrant)
+    cue_of = lambda k: (k % 3, (k // 3) % 4)
     blobs = []
     for _ in range(2):
         colour, quadrant = rng.integers(0, 3, a), rng.integers(0, 4, a)

@@ -234,8 +234,9 @@ def validate(config) -> list[str]:
     except ValueError as e:
         return [str(e)]
     if config.data.name not in DATA_SOURCES[family]:
-        return [f"model.name={config.model.name!r} needs data.name in {DATA_SOURCES[family]}, got {config.data.name!r} "
-                f"(use the config file of that model family)."]
+        message = (f"model.name={config.model.name!r} needs data.name in {DATA_SOURCES[family]}, got "
+                   f"{config.data.name!r} (use the config file of that model family).")
+        return [message]
     errors = []
     if config.data.name == "amazon" and not config.data.data_dir:
         errors.append("data.name='amazon' needs --config.data.data_dir (the directory with the reviews and meta files).")

@@ -37,9 +37,14 @@ Formats and the layouts they read (C width, H heads, Dh = C / H, P patch):
 Output of the CLI / `save_converted`: a directory `dst/` with `params/` (an orbax checkpoint of
 the bare parameter tree, no {'params': ...} wrapper) and `model.json` (the model class, its
 keyword arguments, the source format and the dropped keys). The directory is written under a
-temporary name and renamed when complete. `load_converted(dst)` returns (params, model_kwargs);
-`merge_pretrained(fresh, params, exclude='^head/')` puts the backbone into a freshly initialised
-tree (LoRA / PYRA / new head leaves untouched) and reports what was loaded and what was kept.
+temporary name and renamed when complete.
+
+Python API: `convert(src, format, model=None, **dims) -> Converted` (or `from_<format>(state_dict)`),
+`save_converted(converted, dst)`, `load_params(dst)`, `read_info(dst)`, `load_converted(dst) ->
+(params, model_kwargs)`, `merge_pretrained(fresh, params, exclude='^head/') -> (params, report)`
+(puts the backbone into a freshly initialised tree; LoRA / PYRA / new-head leaves stay as they are;
+scanned `blocks` and other position grids handled), and `make_load_pretrained(path)`, a ready
+`Task.load_pretrained` for `config.init_from`.
 """
 
 from __future__ import annotations
@@ -1041,13 +1046,12 @@ def load_converted(path: str, format: str | None = None, **convert_kwargs) -> tu
     """(params, model_kwargs) for a converted checkpoint directory: `ViT(**kwargs)` / `CLIP(**kwargs)`
     with `{'params': params}` reproduces the source model (read_info(path)['model'] says which).
 
-    A raw source file works too when `format` is given (or for a `.npz` file, google_vit_npz):
-    it is converted in memory (e.g. `config.init_from='imagenet21k_ViT-L_16.npz'`)."""
-    if os.path.isfile(path) and (format or path.endswith(".npz")):
+    A raw source (file, or save_pretrained directory for hf_*) works too when `format` is given
+    (a `.npz` file defaults to google_vit_npz): it is converted in memory
+    (e.g. `config.init_from='imagenet21k_ViT-L_16.npz'`)."""
+    if format or (os.path.isfile(path) and path.endswith(".npz")):
         c = convert(path, format or "google_vit_npz", **convert_kwargs)
         return c.params, dict(c.config)
-    if format:
-        raise ConversionError(f"format={format!r} was given but {path} is not a file.")
     info = read_info(path)
     return load_params(path), dict(info["config"])
 
@@ -1220,10 +1224,11 @@ def _resize_pos(pos: np.ndarray, shape: tuple, path: str) -> np.ndarray:
 
 
 def make_load_pretrained(path: str, exclude: str | None = r"^head/", prefix: str = "", log: Callable | None = None,
-                         **merge_kwargs) -> Callable:
+                         format: str | None = None, **merge_kwargs) -> Callable:
     """A `Task.load_pretrained` for `config.init_from`: params -> params with the converted backbone
-    at `path` merged in (the head stays fresh by default). The report goes to `log` (absl logging)."""
-    pretrained, _ = load_converted(path)
+    at `path` merged in (the head stays fresh by default). The report goes to `log` (absl logging).
+    `path` is a converted directory, or a raw source with `format` (a `.npz` needs none)."""
+    pretrained, _ = load_converted(path, format)
 
     def load(params):
         merged, report = merge_pretrained(params, pretrained, exclude=exclude, prefix=prefix, **merge_kwargs)

@@ -180,7 +180,7 @@ def load_checkpoint(path: str) -> tuple[dict, dict | None]:
     if hasattr(convert, "read_info"):
         try:
             info = convert.read_info(path)
-        except Exception:  # no model.json: fall back to --model
+        except Exception:  # noqa: BLE001 - no model.json (or an older converter): fall back to --model
             info = None
         if info and info.get("model", "ViT") != "ViT":
             raise UsageError(f"{path!r} holds a {info['model']} checkpoint; this tool draws ViT image models.")

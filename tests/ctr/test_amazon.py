@@ -40,7 +40,7 @@ def test_protocol(tmp_path, gz):
         assert np.all(split["label"][0::2] == 1) and np.all(split["label"][1::2] == 0)  # (positive, negative)
         assert np.all(split["item"][0::2] != split["item"][1::2])
         np.testing.assert_array_equal(split["hist_item"][0::2], split["hist_item"][1::2])
-    users, items, _, category = amazon.read_reviews(str(tmp_path))
+    _, items, _, category = amazon.read_reviews(str(tmp_path))
     item_names = np.unique(items)
     test = splits["test"]
     u1 = np.flatnonzero(test["user"] == 0)[0]  # u1's last review: d after b, c (maxlen 2)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import types
 
+import flax.linen as nn
 import numpy as np
 import pytest
 from PIL import Image
@@ -97,7 +98,7 @@ def test_params_from_a_converted_checkpoint(monkeypatch, tmp_path):
     """--params goes through jdjax.tools.convert.load_params (+ read_info for the architecture);
     a stand-in converter keeps this test independent of the real one's file format."""
     config = {**TINY, "num_classes": 7}
-    params = vm.random_params(ViT(**config), SIZE)["params"]
+    params = nn.meta.unbox(vm.random_params(ViT(**config), SIZE))["params"]  # plain arrays, as the converter's
     fake = types.SimpleNamespace(load_params=lambda path: params,
                                  read_info=lambda path: {"model": "ViT", "config": config})
     monkeypatch.setitem(sys.modules, "jdjax.tools.convert", fake)

@@ -155,12 +155,6 @@ class FeatureMap:
                 out[f.table] = TableSpec(f.table, len(self.vocabularies[f.table]) + NUM_SPECIAL_IDS, f.embedding_dim)
         return tuple(out.values())
 
-    def feature(self, name: str) -> Feature:
-        for f in self.features:
-            if f.name == name:
-                return f
-        raise KeyError(f"no feature named {name!r}; declared: {[f.name for f in self.features]}.")
-
     def encode(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Raw columns -> model inputs: int32 ids (0 pad, 1 OOV, 2.. known) and float32 dense values.
 

@@ -1,0 +1,125 @@
+"""CTR step costs as ratios inside one run: behaviour poolings vs vanilla attention, CSCNN's
+attention vs the plain CNN, and the distinct-image trick vs one tower pass per sample.
+
+    python -m benchmarks.ctr            # records to benchmarks/RESULTS.md
+    python -m benchmarks.ctr --smoke    # tiny sizes, prints only
+
+Case 'behaviour/<model>': one jitted training step (forward + backward + Adam) of each model of
+jdjax.models.din at the kfatt config's sizes (batch 256, 30 behaviours), relative to vanilla
+attention (the KFAtt paper: KFAtt's latency is close to DIN's and the Transformer's).
+Case 'image/<model>': the same for jdjax.models.cscnn on 16x16 ad images, relative to the plain CNN.
+Case 'distinct_images/<k>': the CSCNN forward pass on a batch of 256 samples showing k distinct
+ads, tower once per distinct ad (max_unique_images = k) vs once per sample.
+"""
+
+from absl import app, flags
+
+_SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes; print but do not record.")
+_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per case (the median is reported).")
+
+
+def _step_fn(model, batch):
+    """A jitted train step (logloss, Adam) and its initial (params, opt_state)."""
+    import flax.linen as nn
+    import jax
+    import optax
+
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), batch)["params"])
+    tx = optax.adam(1e-3)
+
+    @jax.jit
+    def step(params, opt_state):
+        def loss(p):
+            return optax.sigmoid_binary_cross_entropy(model.apply({"params": p}, batch, train=True)[0], batch["label"]).mean()
+
+        grads = jax.grad(loss)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return step, (params, tx.init(params))
+
+
+def _time_steps(model, batch, repeats):
+    import jax
+
+    from benchmarks import harness
+
+    step, (params, opt_state) = _step_fn(model, batch)
+    return harness.time_call(lambda: jax.block_until_ready(step(params, opt_state)), warmup=2, repeats=repeats)
+
+
+def behaviour_cases(smoke: bool, repeats: int):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jdjax.data import clicklog
+    from jdjax.models.din import MODELS, BehaviourCTR
+    from jdjax.nn.ctr.features import FeatureMap
+
+    log = clicklog.generate("tiny" if smoke else "small", seed=0)["train"]
+    b = 32 if smoke else 256
+    fmap = FeatureMap.fit(clicklog.features(18, log["hist_item"].shape[1]), log)
+    enc = fmap.encode({k: log[k][:b] for k in ("user", "item", "cat", "hist_item", "hist_cat")})
+    batch = {**{k: jnp.asarray(v) for k, v in enc.items()}, "label": jnp.asarray(log["label"][:b])}
+    times = {name: _time_steps(BehaviourCTR(fmap.features, fmap.tables(), name), batch, repeats) for name in MODELS}
+    base = times["attention"]["median_s"]
+    for name, t in times.items():
+        yield f"behaviour/{name}", {"batch": b, "behaviours": int(np.asarray(batch["hist_item"]).shape[1]),
+                                    "step_ms": 1e3 * t["median_s"], "ratio_vs_attention": t["median_s"] / base,
+                                    "compile_s": t["first_s"] - t["median_s"]}
+
+
+def image_cases(smoke: bool, repeats: int):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks import harness
+    from jdjax.data import clicklog
+    from jdjax.models.cscnn import MODELS, ImageCTR
+    from jdjax.nn.ctr.features import FeatureMap
+
+    splits, images = clicklog.generate_ads("tiny" if smoke else "small", seed=0)
+    train = splits["train"]
+    b = 32 if smoke else 256
+    fmap = FeatureMap.fit(clicklog.ad_features(16), train)
+
+    def batch_of(rows):
+        enc = fmap.encode({k: train[k][rows] for k in ("user", "ad", "cat")})
+        return {**{k: jnp.asarray(v) for k, v in enc.items()}, "label": jnp.asarray(train["label"][rows]),
+                "ad_index": jnp.asarray(train["ad_index"][rows]), "image": jnp.asarray(images[train["ad_index"][rows]])}
+
+    batch = batch_of(np.arange(b))
+    times = {name: _time_steps(ImageCTR(fmap.features, fmap.tables(), name), batch, repeats) for name in MODELS}
+    base = times["cnn"]["median_s"]
+    for name, t in times.items():
+        yield f"image/{name}", {"batch": b, "step_ms": 1e3 * t["median_s"], "ratio_vs_cnn": t["median_s"] / base,
+                                "compile_s": t["first_s"] - t["median_s"]}
+
+    # Batches grouped by ad: k distinct ads, b / k samples each.
+    for k in ([4] if smoke else [8, 32, 128]):
+        ads = np.unique(train["ad_index"])[:k]
+        rows = np.concatenate([np.flatnonzero(train["ad_index"] == a)[: b // k] for a in ads])
+        rows = np.resize(rows, b)
+        grouped = batch_of(rows)
+        every = ImageCTR(fmap.features, fmap.tables(), "cscnn")
+        dedup = ImageCTR(fmap.features, fmap.tables(), "cscnn", max_unique_images=k)
+        params = jax.jit(every.init)(jax.random.key(0), grouped)
+        fwd_every, fwd_dedup = jax.jit(every.apply), jax.jit(dedup.apply)
+        t_every, t_dedup = (harness.time_call(lambda f=f, p=params, g=grouped: jax.block_until_ready(f(p, g)), repeats=repeats)
+                            for f in (fwd_every, fwd_dedup))
+        yield f"distinct_images/{k}", {"batch": b, "distinct_ads": k, "every_ms": 1e3 * t_every["median_s"],
+                                       "distinct_ms": 1e3 * t_dedup["median_s"],
+                                       "speedup": t_every["median_s"] / t_dedup["median_s"]}
+
+
+def main(argv):
+    del argv
+    from benchmarks import harness
+
+    for case, metrics in [*behaviour_cases(_SMOKE.value, _REPEATS.value), *image_cases(_SMOKE.value, _REPEATS.value)]:
+        harness.record("ctr", case, metrics, smoke=_SMOKE.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
