@@ -7,6 +7,7 @@ status 2. Rerunning the same command on the same workdir resumes from the last c
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -70,13 +71,14 @@ def validate(config, task_module) -> list[str]:
     except ValueError as e:
         return errors + [str(e)]
     dp = sizes["data"] * sizes["fsdp"]
+    multiple = math.lcm(dp, jax.process_count())
     for name in ("batch_size", "eval_batch_size"):
         value = config[name]
-        if value <= 0 or value % dp or value % jax.process_count():
+        if value <= 0 or value % multiple:
             errors.append(
                 f"{name}={value} must be a positive multiple of the data-parallel size {dp} "
                 f"(mesh data x fsdp = {sizes['data']} x {sizes['fsdp']}) and of the process count "
-                f"{jax.process_count()}; e.g. --config.{name}={max(dp, 1) * max(1, round(max(value, 1) / max(dp, 1)))}."
+                f"{jax.process_count()}; e.g. --config.{name}={max(multiple, round(value / multiple) * multiple)}."
             )
     try:
         shd.rules_from_config(config.sharding_rules)
@@ -145,7 +147,7 @@ def main(argv):
         fail("--config is required, e.g. --config=configs/vit.py:smoke")
     if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
         logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
-    workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename + _variant())
+    workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize().partition("=")[2])
     maybe_initialize_distributed(config)
     from jdjax.train.loop import NonFiniteLossError
 
@@ -156,12 +158,6 @@ def main(argv):
     except NonFiniteLossError as e:
         print(f"jdjax: stopped: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
-
-
-def _variant() -> str:
-    arg = flags.FLAGS["config"].serialize().partition("=")[2]
-    _, sep, variant = arg.partition(":")
-    return sep + variant
 
 
 if __name__ == "__main__":

@@ -34,9 +34,6 @@ class ArraySource:
     def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         return {k: v[indices] for k, v in self.arrays.items()}
 
-    def subset(self, indices: np.ndarray) -> "ArraySource":
-        return ArraySource({k: v[indices] for k, v in self.arrays.items()})
-
 
 @dataclass(frozen=True)
 class RecordSource:

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
@@ -75,27 +76,26 @@ def make_train_step(task: Task, tx, schedule, mask):
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state.params, updates)
-        metrics = {"loss": loss, "grad_norm": _global_norm(grads), "learning_rate": schedule(state.step), **aux}
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step), **aux}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
 
 
-def _global_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
 def evaluate(predict_step, params, source, global_batch: int, mesh, summarize) -> dict[str, float]:
-    """Metrics over every example of `source` (last batch padded, padding masked out)."""
+    """Metrics over every example of `source` (last batch padded, padding masked out).
+
+    Outputs stay on device until the split is done, so batches are dispatched back to back.
+    """
     outputs: dict[str, list] = {}
     for local in pipeline.eval_batches(source, global_batch, jax.process_index(), jax.process_count()):
         batch = shd.global_batch_from_local(local, mesh)
         out = predict_step(params, batch)
         out["mask"] = batch["mask"]
         for k, v in out.items():
-            outputs.setdefault(k, []).append(_to_host(v))
-    cat = {k: np.concatenate(v) for k, v in outputs.items()}
+            outputs.setdefault(k, []).append(v)
+    cat = {k: np.concatenate([_to_host(x) for x in v]) for k, v in outputs.items()}
     keep = cat.pop("mask") > 0
     return summarize({k: v[keep] for k, v in cat.items()})
 
@@ -309,8 +309,6 @@ def _final_report(ckpt: Checkpointer, abstract_state, run_eval, task: Task, writ
 
 def _opt_state_shardings(tx, abstract_opt, param_shardings, mesh):
     """Optimizer-state leaves shaped like a parameter take its sharding; the rest are replicated."""
-    import optax
-
     rep = shd.replicated(mesh)
     return optax.tree_map_params(
         tx, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: rep,

@@ -43,13 +43,6 @@ def test_array_source_rejects_ragged_arrays():
         ArraySource({"a": np.zeros(3), "b": np.zeros(4)})
 
 
-def test_array_source_subset():
-    src = _source(10)
-    sub = src.subset(np.array([1, 5, 8]))
-    assert len(sub) == 3
-    np.testing.assert_array_equal(sub.arrays["x"], [1, 5, 8])
-
-
 def test_record_source_decodes_and_stacks_in_index_order():
     records = [{"v": np.full((2,), i, np.uint8), "y": i} for i in range(6)]
     calls = []
