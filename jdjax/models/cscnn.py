@@ -25,8 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdjax.nn.ctr.embedding import Embeddings, pool, sequence_mask
-from jdjax.nn.ctr.features import DenseFeat, TableSpec, VarLenFeat
+from jdjax.nn.ctr.embedding import Embeddings, concat_features
+from jdjax.nn.ctr.features import TableSpec
 from jdjax.nn.ctr.layers import MLP, activate
 
 Dtype = Any
@@ -163,13 +163,7 @@ class ImageCTR(nn.Module):
             raise ValueError(f"model.name={self.model!r} is not an image CTR model; choose one of {MODELS}.")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         emb = Embeddings(self.features, self.tables, self.row_multiple, name="embeddings", **kw)(batch)
-        parts = []
-        for f in self.features:
-            x = emb[f.name]
-            if isinstance(f, VarLenFeat):
-                x = pool(x, sequence_mask(batch[f.name]), "mean")
-            parts.append(x.reshape(x.shape[0], -1) if isinstance(f, DenseFeat) else x)
-        x = jnp.concatenate(parts, axis=-1)
+        x = concat_features(emb, self.features, batch)
         h = nn.Dense(self.mlp_hidden[0], name="fc_0", **kw,
                      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x)

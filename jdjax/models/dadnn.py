@@ -24,8 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdjax.nn.ctr.embedding import Embeddings, pool, sequence_mask
-from jdjax.nn.ctr.features import DenseFeat, TableSpec, VarLenFeat
+from jdjax.nn.ctr.embedding import Embeddings, concat_features
+from jdjax.nn.ctr.features import TableSpec
 from jdjax.nn.ctr.layers import MLP
 from jdjax.nn.ctr.moe import MMoE
 
@@ -95,13 +95,7 @@ class DADNN(nn.Module):
         bottom, per_scene, kt = MODELS[self.model]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         emb = Embeddings(self.features, self.tables, self.row_multiple, name="embeddings", **kw)(batch)
-        parts = []
-        for f in self.features:
-            x = emb[f.name]
-            if isinstance(f, VarLenFeat):
-                x = pool(x, sequence_mask(batch[f.name]), "mean")
-            parts.append(x.reshape(x.shape[0], -1) if isinstance(f, DenseFeat) else x)
-        x = jnp.concatenate(parts, axis=-1)  # [B, D]
+        x = concat_features(emb, self.features, batch)  # [B, D]
         scene = batch[self.scene].astype(jnp.int32)
         aux: dict = {}
         heads = self.num_scenes if per_scene else 1

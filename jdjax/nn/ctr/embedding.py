@@ -90,3 +90,15 @@ def pool(embeddings: jax.Array, mask: jax.Array, combiner: str = "sum") -> jax.A
     if combiner == "mean":
         return total / jnp.maximum(jnp.sum(m, axis=-2), 1.0)
     raise ValueError(f"pool: combiner must be 'sum' or 'mean', got {combiner!r}.")
+
+
+def concat_features(embedded: dict[str, jax.Array], features, batch: dict[str, jax.Array]) -> jax.Array:
+    """One flat input per example: varlen features mean-pooled over their valid positions,
+    dense features flattened, all concatenated in declaration order -> [B, D]."""
+    parts = []
+    for f in features:
+        x = embedded[f.name]
+        if isinstance(f, VarLenFeat):
+            x = pool(x, sequence_mask(batch[f.name]), "mean")
+        parts.append(x.reshape(x.shape[0], -1) if isinstance(f, DenseFeat) else x)
+    return jnp.concatenate(parts, axis=-1)
