@@ -77,7 +77,7 @@ def make_train_step(task: Task, tx, schedule, mask):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step), **aux}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step), **aux}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
