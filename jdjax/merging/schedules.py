@@ -8,6 +8,23 @@ from collections.abc import Sequence
 from numbers import Integral, Real
 
 
+# PYRA's released per-layer schedules (spec §3.1; `pyra_r` equals ToMe's r per layer), by
+# (model, compression). None of them hits the 50% clamp at 224 px, which PYRA needs: W_r has one
+# row per merged pair. ViT-B/16 high ends at 5 tokens, ViT-L/16 high at 5, DeiT-B low at 42.
+PAPER_SCHEDULES = {
+    ("B/16", "low"): [16] * 11 + [10],
+    ("B/16", "high"): [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3],
+    ("L/16", "low"): [8] * 23 + [6],
+    ("L/16", "high"): [20, 19, 18, 17, 15, 13, 13, 12, 10, 9, 8, 6, 6, 4, 4, 4, 3, 3, 2, 2, 1, 1, 1, 1],
+    # [R] The spec lists no ViT-S schedule; ViT-S/16 has ViT-B/16's 197 tokens and 12 layers, so it
+    # takes the B schedules (the paper's "low"/"high" are defined by the token budget).
+    ("S/16", "low"): [16] * 11 + [10],
+    ("S/16", "high"): [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3],
+    ("DeiT-B/16", "low"): [16] * 6 + [10] * 6,
+    ("DeiT-B/16", "high"): [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3],
+}
+
+
 def _is_int(value) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
