@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -38,23 +36,3 @@ def run_main(config: str, workdir: str, *overrides: str, num_devices: int = 1, t
         text=True,
         timeout=timeout,
     )
-
-
-def checkpoint_steps(workdir: str, kind: str = "ckpt") -> list[int]:
-    d = os.path.join(workdir, kind)
-    return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
-
-
-def load_state(workdir: str, step: int | None = None, kind: str = "ckpt") -> dict:
-    """The saved train state at `step` (default: latest) as nested dicts of NumPy arrays."""
-    import orbax.checkpoint as ocp
-
-    step = checkpoint_steps(workdir, kind)[-1] if step is None else step
-    path = os.path.join(os.path.abspath(workdir), kind, str(step), "state")
-    with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(path)
-        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-        import jax
-
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return ckptr.restore(path, restore_args=restore_args)

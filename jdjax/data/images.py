@@ -13,6 +13,8 @@ Images are float32 [N, H, W, 3] in [-1, 1]; labels int32 [N].
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from jdjax.data.pipeline import ArraySource, split_indices
@@ -23,8 +25,14 @@ NUM_SHAPE_CLASSES = len(SHAPES) * len(FILLS)
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
 
 
-def digits_splits(image_size: int = 8, seed: int = 0) -> dict[str, ArraySource]:
-    """The scikit-learn digits as {'train', 'val', 'test'} sources of 3-channel images."""
+def digits_splits(image_size: int = 8, seed: int = 0, classes: Sequence[int] | None = None) -> dict[str, ArraySource]:
+    """The scikit-learn digits as {'train', 'val', 'test'} sources of 3-channel images.
+
+    Each 8x8 digit is upscaled by pixel repetition to `image_size` (a multiple of 8). With
+    `classes` (e.g. (5, 6, 7, 8, 9)) only those digits are kept, relabelled 0..len(classes)-1 in
+    that order; the 70/10/20 split is drawn before the filter, so splits of complementary class
+    sets never share an image.
+    """
     from sklearn.datasets import load_digits
 
     data = load_digits()
@@ -37,6 +45,14 @@ def digits_splits(image_size: int = 8, seed: int = 0) -> dict[str, ArraySource]:
     images = np.repeat(images, 3, axis=-1)
     labels = data.target.astype(np.int32)
     parts = split_indices(len(labels), {"train": 0.7, "val": 0.1, "test": 0.2}, seed=seed)
+    if classes is not None:
+        classes = [int(c) for c in classes]
+        if not classes or len(set(classes)) != len(classes) or not set(classes) <= set(range(10)):
+            raise ValueError(f"digits classes must be distinct digits 0-9, got {classes}.")
+        relabel = np.full(10, -1, np.int32)
+        relabel[classes] = np.arange(len(classes))
+        labels = relabel[labels]
+        parts = {name: idx[labels[idx] >= 0] for name, idx in parts.items()}
     return {name: ArraySource({"image": images[idx], "label": labels[idx]}) for name, idx in parts.items()}
 
 

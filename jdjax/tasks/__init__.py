@@ -8,6 +8,7 @@ TASKS = {
     "classification": "jdjax.tasks.classification",
     "ctr": "jdjax.tasks.ctr",
     "delayed_feedback": "jdjax.tasks.delayed_feedback",
+    "pyra": "jdjax.tasks.pyra",
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -100,3 +101,21 @@ class CheckpointError(RuntimeError):
 def abstract_with_shardings(tree, shardings):
     """jax.ShapeDtypeStruct leaves carrying the target shardings, for restoring."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def saved_steps(workdir: str, kind: str = "ckpt") -> list[int]:
+    """Steps saved under workdir/<kind> ('ckpt': keep-last-K series, 'best': the val-selected one)."""
+    d = os.path.join(workdir, kind)
+    return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
+def read_state(workdir: str, step: int | None = None, kind: str = "ckpt") -> dict:
+    """The saved train state at `step` (default: latest) as nested dicts of NumPy arrays, on the host,
+    without building the model (e.g. `read_state(workdir, kind='best')['params']`)."""
+    step = saved_steps(workdir, kind)[-1] if step is None else step
+    path = os.path.join(os.path.abspath(workdir), kind, str(step), "state")
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(path)
+        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return ckptr.restore(path, restore_args=restore_args)

@@ -308,9 +308,13 @@ def _final_report(ckpt: Checkpointer, abstract_state, run_eval, task: Task, writ
 
 
 def _opt_state_shardings(tx, abstract_opt, param_shardings, mesh):
-    """Optimizer-state leaves shaped like a parameter take its sharding; the rest are replicated."""
+    """Optimizer-state leaves shaped like a parameter take its sharding; the rest are replicated.
+
+    Parameter groups of `optax.multi_transform` hold an empty `optax.MaskedNode` for parameters
+    outside the group (e.g. frozen ones); those stay as they are."""
     rep = shd.replicated(mesh)
     return optax.tree_map_params(
-        tx, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: rep,
-        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+        tx, lambda p, s: p if isinstance(p, optax.MaskedNode) else s, abstract_opt, param_shardings,
+        transform_non_params=lambda _: rep,
+        is_leaf=lambda x: isinstance(x, (jax.sharding.Sharding, optax.MaskedNode)),
     )

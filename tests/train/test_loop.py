@@ -18,6 +18,7 @@ from jdjax.data.pipeline import ArraySource
 from jdjax.tasks.base import Task
 from jdjax.train import loop
 from jdjax.train import sharding as shd
+from jdjax.train.checkpoint import read_state, saved_steps
 
 SMOKE = "configs/vit.py:smoke"
 # Adam divides by sqrt(v) + eps. The attention key bias has a true gradient of exactly 0 (softmax
@@ -60,8 +61,8 @@ def test_eight_devices_match_one(one_device_run, tmp_path, variant):
     config = SMOKE + ("," + variant if variant else "")
     proc = testing.run_main(config, str(tmp_path), *DEVICE_COMPARISON, num_devices=8)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = testing.load_state(one_device_run)
-    eight = testing.load_state(str(tmp_path))
+    one = read_state(one_device_run)
+    eight = read_state(str(tmp_path))
     assert int(eight["step"]) == 10
     assert_trees_close(eight["params"], one["params"], rtol=2e-4, atol=2e-5)
     assert_trees_close(eight["opt_state"], one["opt_state"], rtol=2e-3, atol=1e-6)
@@ -70,18 +71,18 @@ def test_eight_devices_match_one(one_device_run, tmp_path, variant):
 def test_resume_is_bit_identical(tmp_path):
     full = str(tmp_path / "full")
     loop.train_and_evaluate(smoke_config(), full, _build(smoke_config()))
-    assert testing.checkpoint_steps(full) == [20, 40]
+    assert saved_steps(full) == [20, 40]
 
     # A run "interrupted" after step 20: its workdir as it was when step 20 was written.
     resumed = str(tmp_path / "resumed")
     shutil.copytree(full, resumed)
     shutil.rmtree(os.path.join(resumed, "ckpt", "40"))
-    for d in testing.checkpoint_steps(resumed, "best"):
+    for d in saved_steps(resumed, "best"):
         if d > 20:
             shutil.rmtree(os.path.join(resumed, "best", str(d)))
     results = loop.train_and_evaluate(smoke_config(), resumed, _build(smoke_config()))
     assert results["step"] == 40
-    a, b = testing.load_state(full, 40), testing.load_state(resumed, 40)
+    a, b = read_state(full, 40), read_state(resumed, 40)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
 
@@ -106,7 +107,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     assert "SIGTERM: saved step" in out
-    saved = testing.checkpoint_steps(workdir)
+    saved = saved_steps(workdir)
     assert len(saved) == 1 and saved[0] >= 5
     assert f"saved step {saved[0]}" in out
     assert not os.path.exists(os.path.join(workdir, "results.json"))
@@ -139,8 +140,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
                           "optimizer.grad_clip_norm": 0.0, "optimizer.weight_decay": 0.0})
     with pytest.raises(loop.NonFiniteLossError, match="at step 7.*last good checkpoint \\(step 6\\)"):
         loop.train_and_evaluate(cfg, str(tmp_path), _log_task())
-    assert testing.checkpoint_steps(str(tmp_path)) == [4, 6]
-    w = testing.load_state(str(tmp_path), 6)["params"]["w"]
+    assert saved_steps(str(tmp_path)) == [4, 6]
+    w = read_state(str(tmp_path), 6)["params"]["w"]
     np.testing.assert_allclose(w, -1.2400, atol=1e-3)  # the hand-computed iterate above, still finite
 
 
@@ -186,6 +187,6 @@ def test_two_processes_train_in_step_with_one(tmp_path):
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     assert "2 devices on 2 process(es)" in outs[0][0]
-    a, b = testing.load_state(single), testing.load_state(multi)
+    a, b = read_state(single), read_state(multi)
     assert int(b["step"]) == 10
     assert_trees_close(b["params"], a["params"], rtol=1e-5, atol=1e-6)
