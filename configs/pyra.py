@@ -60,7 +60,9 @@ def get_config(arg=None):
     c.eval_batch_size = 256
     c.num_train_steps = 600
     c.eval_every_steps = 100
-    c.optimizer.update(learning_rate=1e-3, weight_decay=1e-4, warmup_steps=60, warmup_init=1e-6, min_lr_ratio=0.01)
+    # The paper's AdamW recipe (wd 1e-4, warmup from 1e-6, cosine to 1% of the peak); the peak rate
+    # 1e-2 was chosen on the val split among 1e-3, 3e-3, 1e-2 (this tiny ViT wants more than ViT-B's 1e-3).
+    c.optimizer.update(learning_rate=1e-2, weight_decay=1e-4, warmup_steps=60, warmup_init=1e-6, min_lr_ratio=0.01)
     c.checkpoint.every_steps = 300
 
     # The embedded backbone: a dense ViT with the same dims, fully trained on generated shapes.

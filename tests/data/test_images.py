@@ -79,6 +79,19 @@ def test_digits_bad_image_size():
         images.digits_splits(image_size=12)
 
 
+def test_digits_class_subsets_relabel_and_stay_in_their_split(digits8):
+    low = images.digits_splits(image_size=8, seed=0, classes=(0, 1, 2, 3, 4))
+    high = images.digits_splits(image_size=8, seed=0, classes=(9, 5))
+    for name, full in digits8.items():
+        y = full.arrays["label"]
+        np.testing.assert_array_equal(low[name].arrays["label"], y[y < 5])
+        np.testing.assert_array_equal(low[name].arrays["image"], full.arrays["image"][y < 5])
+        keep = (y == 9) | (y == 5)
+        np.testing.assert_array_equal(high[name].arrays["label"], np.where(y[keep] == 9, 0, 1))
+    with pytest.raises(ValueError, match="distinct digits"):
+        images.digits_splits(classes=(1, 1))
+
+
 def test_digits_seed_changes_split(digits8):
     other = images.digits_splits(image_size=8, seed=1)
     assert len(other["train"]) == len(digits8["train"])
