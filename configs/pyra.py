@@ -5,8 +5,7 @@
     python -m jdjax.main --config=configs/pyra.py --config.method=pyra --config.compression=high
     # the paper's setting: ViT-B/16 from the ImageNet-21k npz, one VTAB-1k task
     python -m jdjax.main --config=configs/pyra.py:vit_b16,high --config.init_from=imagenet21k_ViT-B_16.npz \
-        --config.data.name=vtab --config.data.vtab_task=cifar100 --config.data.num_classes=100 \
-        --config.data.data_dir=$TFDS_DATA_DIR
+        --config.data.vtab_task=dtd --config.data.num_classes=47 --config.data.data_dir=$TFDS_DATA_DIR
 
 `method` is 'lora' (dense), 'tome' (ToMe + LoRA), 'pyra' (ToMe + LoRA + PYRA), or a comma list;
 `compression` is 'low', 'high' or 'low,high' (ignored by 'lora'). Each (method, compression)
@@ -77,7 +76,7 @@ def get_config(arg=None):
             # Paper regime: 224x224, the size's schedules, batch 32, 100 epochs of 1,000 images.
             c.model.update(name=size, lora_rank=rank, dropout=0.0, drop_path=0.1)
             c.schedules = ml_collections.ConfigDict({k: PAPER_SCHEDULES[size, k] for k in ("low", "high")})
-            c.data.update(name="tfds", image_size=224, augment_shift=0, normalization="imagenet")
+            c.data.update(name="vtab", vtab_task="cifar100", num_classes=100, image_size=224, augment_shift=0)
             c.method = "pyra"
             c.compression = "low"
             c.num_train_steps = 3100  # 100 epochs x 31 steps

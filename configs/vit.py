@@ -7,8 +7,9 @@
     python -m jdjax.main --config=configs/vit.py --config.optimizer.learning_rate=3e-4
 
 Data: `digits` (scikit-learn's 1,797 handwritten 8x8 digits, split 70/10/20 train/val/test),
-`shapes` (generated, any resolution), or `tfds` (a prepared ArrayRecord data set in
---config.data.data_dir, e.g. --config.data.tfds_name=cifar10).
+`shapes` (generated, any resolution), `tfds` (a prepared ArrayRecord data set in
+--config.data.data_dir, e.g. --config.data.tfds_name=cifar10) or `vtab` (a VTAB-1k task,
+--config.data.vtab_task=dtd, 800/200/test splits).
 """
 
 import ml_collections
@@ -29,12 +30,15 @@ def get_config(arg=None):
             augment_shift=1,
             prefetch=4,
             data_dir="",
+            classes="",  # digits: comma-separated digits to keep, relabelled 0..k-1 ('' = all ten)
             # shapes
             num_train=10000,
             num_eval=2000,
             shapes_seed=0,
             # tfds
             tfds_name="",
+            # vtab: one of the 19 VTAB-1k tasks (jdjax/data/vtab.py), read from data_dir
+            vtab_task="",
             train_split="train[:90%]",
             val_split="train[90%:]",
             test_split="test",

@@ -14,16 +14,21 @@ from jdjax.tasks.base import Task
 def image_splits(data_cfg) -> dict:
     """{'train', 'val', 'test'} sources for `data_cfg.name` in {'digits', 'shapes', 'tfds'}."""
     if data_cfg.name == "digits":
-        return images.digits_splits(data_cfg.image_size, seed=0)
+        classes = [int(c) for c in data_cfg.classes.split(",") if c.strip()] or None
+        return images.digits_splits(data_cfg.image_size, seed=0, classes=classes)
     if data_cfg.name == "shapes":
         sizes = {"train": data_cfg.num_train, "val": data_cfg.num_eval, "test": data_cfg.num_eval}
         return images.shapes_splits(sizes, data_cfg.image_size, seed=data_cfg.shapes_seed)
+    if data_cfg.name == "vtab":
+        from jdjax.data.vtab import vtab_splits
+
+        return vtab_splits(data_cfg.vtab_task, data_cfg.data_dir, data_cfg.image_size)
     if data_cfg.name == "tfds":
         from jdjax.data.tfds_source import tfds_image_splits
 
         splits = {"train": data_cfg.train_split, "val": data_cfg.val_split, "test": data_cfg.test_split}
         return tfds_image_splits(data_cfg.tfds_name, data_cfg.data_dir, splits, data_cfg.image_size, data_cfg.normalization)
-    raise ValueError(f"data.name must be 'digits', 'shapes' or 'tfds', got {data_cfg.name!r}.")
+    raise ValueError(f"data.name must be 'digits', 'shapes', 'tfds' or 'vtab', got {data_cfg.name!r}.")
 
 
 def build_vit(model_cfg, num_classes: int) -> ViT:
@@ -80,6 +85,27 @@ def validate(config) -> list[str]:
         errors.append(f"model.width={config.model.width} is not divisible by model.num_heads={config.model.num_heads}.")
     if config.data.image_size % config.model.patch_size:
         errors.append(f"data.image_size={config.data.image_size} is not divisible by model.patch_size={config.model.patch_size}.")
-    if config.data.name == "digits" and config.data.image_size % 8:
-        errors.append(f"data.image_size={config.data.image_size}: the digits are 8x8, use a multiple of 8.")
+    return errors + data_errors(config.data)
+
+
+def data_errors(data_cfg, prefix: str = "data") -> list[str]:
+    """Problems of an image data section (`prefix` names it in the messages)."""
+    errors = []
+    if data_cfg.name == "digits":
+        if data_cfg.image_size % 8:
+            errors.append(f"{prefix}.image_size={data_cfg.image_size}: the digits are 8x8, use a multiple of 8.")
+        try:
+            classes = [int(c) for c in data_cfg.classes.split(",") if c.strip()] or list(range(10))
+        except ValueError:
+            return errors + [f"{prefix}.classes={data_cfg.classes!r} must be comma-separated digits, e.g. '5,6,7,8,9'."]
+        if len(classes) != data_cfg.num_classes:
+            errors.append(f"{prefix}.classes keeps {len(classes)} digits; set {prefix}.num_classes={len(classes)}.")
+    if data_cfg.name == "vtab":
+        from jdjax.data import vtab
+
+        if data_cfg.vtab_task not in vtab.TASKS:
+            errors.append(f"{prefix}.vtab_task={data_cfg.vtab_task!r} is not a VTAB-1k task; known: {', '.join(vtab.TASKS)}.")
+        elif data_cfg.num_classes != vtab.TASKS[data_cfg.vtab_task].num_classes:
+            errors.append(f"{prefix}.num_classes={data_cfg.num_classes}, but VTAB task {data_cfg.vtab_task!r} has "
+                          f"{vtab.TASKS[data_cfg.vtab_task].num_classes} classes; set --config.{prefix}.num_classes to that.")
     return errors
