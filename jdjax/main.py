@@ -115,7 +115,10 @@ def run(config, workdir: str) -> dict:
     if errors:
         raise UsageError("invalid config:\n  - " + "\n  - ".join(errors))
     if hasattr(module, "run"):
-        return module.run(config, workdir)
+        try:
+            return module.run(config, workdir)
+        except FileNotFoundError as e:  # data or checkpoint files named in the config
+            raise UsageError(str(e)) from e
     from jdjax.train.checkpoint import CheckpointError
     from jdjax.train.loop import train_and_evaluate
 

@@ -91,6 +91,8 @@ def validate(config) -> list[str]:
 def data_errors(data_cfg, prefix: str = "data") -> list[str]:
     """Problems of an image data section (`prefix` names it in the messages)."""
     errors = []
+    if data_cfg.name in ("tfds", "vtab") and not data_cfg.data_dir:
+        errors.append(f"{prefix}.name={data_cfg.name!r} reads prepared TFDS data: set --config.{prefix}.data_dir.")
     if data_cfg.name == "digits":
         if data_cfg.image_size % 8:
             errors.append(f"{prefix}.image_size={data_cfg.image_size}: the digits are 8x8, use a multiple of 8.")
