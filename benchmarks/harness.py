@@ -12,7 +12,9 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
+import time
 
 import jax
 
@@ -87,3 +89,28 @@ def write_results_md() -> None:
         out += ["", "Command: " + "; ".join(f"`{c}`" for c in commands), "", "Machine: " + "; ".join(envs), ""]
     with open(RESULTS_MD, "w") as f:
         f.write("\n".join(out))
+
+
+def xla_flops(compiled) -> float:
+    """FLOPs of a compiled jax function by XLA's cost analysis (nan if unavailable)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def interleaved(fns: dict, rounds: int) -> dict:
+    """Times every fn once per round, rotating the order each round, so that a change of load on
+    a shared machine hits every case alike; returns {name: time_call-style summary}."""
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for k in range(rounds):
+        for name in names[k % len(names):] + names[: k % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        p10, p90 = (ts[min(len(ts) - 1, int(f * len(ts)))] for f in (0.1, 0.9))  # as time_call
+        out[name] = {"median_s": statistics.median(ts), "p10_s": p10, "p90_s": p90, "repeats": rounds}
+    return out

@@ -37,8 +37,6 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-import statistics
-import time
 
 from absl import app, flags
 
@@ -62,12 +60,6 @@ NOTES = (
     "the case's jit traced for this shape (should be 1). load1 = 1-minute load average when the row was "
     "written (2 shared cores). Targets: r=16 >= 1.9x dense on CPU; merge_pct < 10; traces == 1."
 )
-
-
-def _cost_flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
 def merge_chain(counts, num_heads: int, matching_only: bool):
@@ -101,24 +93,6 @@ def merge_chain(counts, num_heads: int, matching_only: bool):
         return x, size, total
 
     return fn
-
-
-def interleaved(fns: dict, rounds: int) -> dict:
-    """Times every fn once per round, rotating the order each round, so that a change of load on
-    a shared machine hits every case alike; returns {name: time_call-style summary}."""
-    times = {name: [] for name in fns}
-    names = list(fns)
-    for k in range(rounds):
-        for name in names[k % len(names):] + names[: k % len(names)]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    out = {}
-    for name, ts in times.items():
-        ts.sort()
-        p10, p90 = (ts[min(len(ts) - 1, int(f * len(ts)))] for f in (0.1, 0.9))  # as harness.time_call
-        out[name] = {"median_s": statistics.median(ts), "p10_s": p10, "p90_s": p90, "repeats": rounds}
-    return out
 
 
 def run_device(device, model_dims: dict, image_size: int, batch_sizes, repeats: int, smoke: bool):
@@ -156,14 +130,14 @@ def run_device(device, model_dims: dict, image_size: int, batch_sizes, repeats: 
         for label, _ in CASES:  # compile (first call, reported apart) and one warm-up call per function
             fns[label] = lambda f=jitted[label], x=x: jax.block_until_ready(f(params, x))
             first[label] = harness.time_call(fns[label], warmup=0, repeats=1)["first_s"]
-            extra[label] = {"xla_gflop": _cost_flops(jitted[label].lower(params, x).compile()) / batch / 1e9}
+            extra[label] = {"xla_gflop": harness.xla_flops(jitted[label].lower(params, x).compile()) / batch / 1e9}
             if label != "dense":
                 for kind, only in (("match", True), ("merge", False)):
                     chain = jax.jit(merge_chain(macs[label].token_counts, model_dims["num_heads"], only))
                     fns[f"{label} {kind}"] = lambda chain=chain, x0=x0: jax.block_until_ready(chain(x0))
                     harness.time_call(fns[f"{label} {kind}"], warmup=0, repeats=1)
             print(f"  {name} b{batch} {label}: compiled, first call {first[label]:.1f} s", flush=True)
-        timing = interleaved(fns, repeats)
+        timing = harness.interleaved(fns, repeats)
         dense_s = timing["dense"]["median_s"]
         for label, _ in CASES:
             t = timing[label]
