@@ -59,4 +59,4 @@ def tfds_image_splits(
     import tensorflow_datasets as tfds  # optional extra: pip install -e .[tfds]
 
     decode = image_decoder(image_size, normalization)
-    return {ours: RecordSource(tfds.data_source(name, split=theirs, data_dir=data_dir), decode) for ours, theirs in splits.items()}
+    return {ours: RecordSource(tfds.data_source(name, split=theirs, data_dir=data_dir, download=False), decode) for ours, theirs in splits.items()}
