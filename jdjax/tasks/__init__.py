@@ -6,6 +6,7 @@ import importlib
 
 TASKS = {
     "classification": "jdjax.tasks.classification",
+    "contrastive": "jdjax.tasks.contrastive",
     "ctr": "jdjax.tasks.ctr",
     "delayed_feedback": "jdjax.tasks.delayed_feedback",
     "pyra": "jdjax.tasks.pyra",
