@@ -5,8 +5,11 @@
     python -m jdjax.main --config=configs/dadnn.py:model=dadnn_mlp --config.model.kt_weight=0.3
     python -m jdjax.main --config=configs/dadnn.py --config.model.kt_stop_gradient=False   # mutual distillation
     python -m jdjax.tasks.ctr --config=configs/dadnn.py --workdir=runs/dadnn-compare     # model set x 3 seeds
+    python -m jdjax.main --config=configs/dadnn.py --config.data.name=scene_files --config.data.data_dir=/data/scenes \
+        --config.data.scene_column=scene_id --config.data.dense_columns=price,ctr_7d       # your own multi-scene log
 
-Models (`model=`, jdjax/models/dadnn.py): mixed (one head, scene id as a feature), per_scene
+Models (`model=`, jdjax/models/dadnn.py): mixed (one head, scene id as a feature), dcn (the
+same with DCN's cross network beside the deep MLP: the paper's production baseline), per_scene
 (a tower per scene on shared embeddings), shared_bottom and mmoe (scene heads, no knowledge
 transfer), dadnn_mlp and dadnn_mmoe (with knowledge transfer: lambda = model.kt_weight,
 one-way distillation when model.kt_stop_gradient). Data: the embedded multi-scene click log
@@ -25,7 +28,21 @@ def get_config(arg=None):
     c = common.base_config()
     c.task = "ctr"
     c.data = ml_collections.ConfigDict(
-        dict(name="scenes", size=args.size, seed=0, embedding_dim=16, data_dir="", feature_map="", prefetch=4)
+        dict(
+            name="scenes",  # 'scenes': embedded generator; 'scene_files': train/val/test .parquet/.csv in data_dir
+            size=args.size,
+            seed=0,
+            embedding_dim=16,
+            data_dir="",
+            # scene_files: the label (0/1) and scene columns, the user column (gAUC groups; optional) and
+            # comma-separated dense (float) columns; every other column is a categorical feature.
+            label_column="label",
+            scene_column="scene",
+            user_column="user",
+            dense_columns="",
+            feature_map="",
+            prefetch=4,
+        )
     )
     c.model = ml_collections.ConfigDict(
         dict(
@@ -33,6 +50,7 @@ def get_config(arg=None):
             bottom_hidden=(128, 64),
             head_hidden=(32,),
             num_experts=4,
+            cross_layers=3,  # dcn: cross network depth
             activation="relu",
             kt_weight=0.1,
             kt_stop_gradient=True,
@@ -41,7 +59,7 @@ def get_config(arg=None):
         )
     )
     c.compare = ml_collections.ConfigDict(
-        dict(models="mixed,per_scene,shared_bottom,mmoe,dadnn_mlp,dadnn_mmoe", seeds="0,1,2")
+        dict(models="mixed,dcn,per_scene,shared_bottom,mmoe,dadnn_mlp,dadnn_mmoe", seeds="0,1,2")
     )
     c.batch_size = 512
     c.eval_batch_size = 2048

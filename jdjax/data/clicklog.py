@@ -423,3 +423,110 @@ def generate_ads(size: AdLogSize | str, seed: int = 0) -> tuple[dict, np.ndarray
     part = np.random.default_rng([seed, 21]).random(a)[ad]
     splits = {"train": part < 0.7, "val": (part >= 0.7) & (part < 0.85), "test": part >= 0.85}
     return {name: {k: v[sel] for k, v in examples.items()} for name, sel in splits.items()}, images
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-scene logs from files (DADNN on real data)
+
+SCENE_FILE_SPLITS = ("train", "val", "test")
+SCENE_FILE_SUFFIXES = (".parquet", ".csv", ".csv.gz")
+
+
+def _scene_file(data_dir: str, split: str) -> str:
+    import os
+
+    for suffix in SCENE_FILE_SUFFIXES:
+        path = os.path.join(data_dir, split + suffix)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(
+        f"no {split} file in {data_dir!r}: expected one of {', '.join(split + s for s in SCENE_FILE_SUFFIXES)}. A multi-scene "
+        "log is one file per split (train, val, test) with a header row: a label column (0/1), a scene column, "
+        "categorical feature columns and optional dense columns (--config.data.dense_columns)."
+    )
+
+
+def _read_columns(path: str) -> dict[str, np.ndarray]:
+    """Columns of a CSV (with header; values as strings) or Parquet file (native types)."""
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow (or convert the file to CSV).") from e
+        table = pq.read_table(path)
+        return {name: np.asarray(table.column(name).to_numpy(zero_copy_only=False)) for name in table.column_names}
+    import csv
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise ValueError(f"{path} is empty; expected a header row and one row per impression.") from None
+        rows = list(reader)
+    bad = next((i for i, r in enumerate(rows, 2) if len(r) != len(header)), None)
+    if bad is not None:
+        raise ValueError(f"{path}:{bad} has {len(rows[bad - 2])} fields, the header {len(header)}; is the file corrupt?")
+    cols = list(zip(*rows)) if rows else [()] * len(header)
+    return {name: np.asarray(col, dtype=str) for name, col in zip(header, cols)}
+
+
+def scene_file_features(columns, embedding_dim: int, dense: tuple[str, ...] = ()) -> tuple:
+    """Declarations for a multi-scene file: one SparseFeat per categorical column (the scene
+    column, named 'scene', included), one DenseFeat per dense column."""
+    from jdjax.nn.ctr.features import DenseFeat
+
+    return tuple(DenseFeat(c, 1) if c in dense else SparseFeat(c, embedding_dim) for c in columns)
+
+
+def load_scene_files(data_dir: str, embedding_dim: int, label: str = "label", scene: str = "scene", user: str = "user",
+                     dense: tuple[str, ...] = ()) -> tuple[tuple, dict]:
+    """A DADNN-style multi-scene log from `data_dir`: train / val / test as .parquet, .csv or .csv.gz.
+
+    Every file holds the same columns: `label` (0/1 click), `scene` (scene id, any type),
+    categorical feature columns (any type; ids unseen in training map to the OOV row) and the
+    `dense` columns (floats). The scene ids of the training file, sorted, become scene indices
+    0..S-1 (an unseen scene in val/test is an error); the returned arrays hold the index under
+    'scene' (also a feature) and a flag 'scene<k>' per scene for per-scene metrics. `user`
+    groups the rows for gAUC when the column exists (otherwise all rows form one group, and
+    gAUC equals AUC); it is a feature like any other categorical column.
+
+    Returns (feature declarations, {'train', 'val', 'test'} -> dict of arrays).
+    """
+    splits = {split: _read_columns(_scene_file(data_dir, split)) for split in SCENE_FILE_SPLITS}
+    names = list(splits["train"])
+    for split, cols in splits.items():
+        if list(cols) != names:
+            raise ValueError(f"the {split} file's columns {list(cols)} differ from the train file's {names}.")
+    missing = [c for c in (label, scene, *dense) if c not in names]
+    if missing:
+        raise ValueError(f"columns {missing} are not in the multi-scene files (columns: {names}); set "
+                         "--config.data.label_column / scene_column / dense_columns to the right names.")
+    scene_ids = np.unique(splits["train"][scene])
+    out = {}
+    for split, cols in splits.items():
+        arrays: dict[str, np.ndarray] = {}
+        try:
+            arrays["label"] = cols[label].astype(np.float64).astype(np.float32)
+        except ValueError as e:
+            raise ValueError(f"the {split} file's {label!r} column is not numeric 0/1 ({e}).") from None
+        if arrays["label"].size and not np.isin(arrays["label"], (0.0, 1.0)).all():
+            raise ValueError(f"the {split} file's {label!r} column must hold 0 or 1, got {np.unique(arrays['label'])[:5]}.")
+        pos = np.clip(np.searchsorted(scene_ids, cols[scene]), 0, len(scene_ids) - 1)
+        unseen = scene_ids[pos] != cols[scene]
+        if unseen.any():
+            raise ValueError(f"the {split} file has scenes {np.unique(cols[scene][unseen])[:5]} that are not in the train file.")
+        arrays["scene"] = pos.astype(np.int64)
+        for s in range(len(scene_ids)):
+            arrays[f"scene{s}"] = pos == s
+        for c in names:
+            if c in (label, scene):
+                continue
+            arrays[c] = cols[c].astype(np.float32) if c in dense else cols[c]
+        if user not in names:
+            arrays["user"] = np.zeros(len(arrays["label"]), np.int64)
+        out[split] = arrays
+    categorical = [c for c in names if c not in (label, scene) and c not in dense]
+    return scene_file_features(["scene", *categorical, *dense], embedding_dim, tuple(dense)), out

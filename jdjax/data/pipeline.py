@@ -9,8 +9,8 @@ hosts see the same data, and the iterator state (a position) resumes exactly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grain

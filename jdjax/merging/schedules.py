@@ -7,7 +7,6 @@ clamped by the 50% rule: layer l removes at most (N_l - protected) // 2 tokens.
 from collections.abc import Sequence
 from numbers import Integral, Real
 
-
 # PYRA's released per-layer schedules (spec §3.1; `pyra_r` equals ToMe's r per layer), by
 # (model, compression). None of them hits the 50% clamp at 224 px, which PYRA needs: W_r has one
 # row per merged pair. ViT-B/16 high ends at 5 tokens, ViT-L/16 high at 5, DeiT-B low at 42.

@@ -14,6 +14,15 @@ attention. The visual vector joins the CTR MLP after its first layer (as in JD's
 model, spec §2.1). Ads shared by many samples of a batch are embedded once: with
 `max_unique_images` > 0 the tower runs on the batch's distinct ads (by id) when there are at
 most that many, and on every sample otherwise (both exact).
+
+Serving (spec §2.2): an ad's image and category are fixed, so its visual vector can be computed
+offline, once per ad, and looked up at request time with no CNN in the request path:
+
+    table = precompute_visual(model, params, images, ad_categories)    # [num_ads, visual_dim], offline
+    batch["visual"] = table[batch["ad_index"]]                         # online: a row gather
+    logits, _ = model.apply({"params": params}, batch)                 # the tower is skipped
+
+A batch that carries `visual` skips the tower; its logits equal the end-to-end model's.
 """
 
 from __future__ import annotations
@@ -137,6 +146,8 @@ class ImageCTR(nn.Module):
       features, tables: declarations and tables; `category` names the ad-category feature whose
         encoded ids index the priors, `image` / `image_id` the batch inputs [B, S, S, 3] / [B].
       model: one of MODELS.
+      visual: name of an optional input [B, visual_dim] of precomputed visual vectors
+        (`precompute_visual`); when the batch has it, the image tower is not run.
     """
 
     features: tuple
@@ -145,6 +156,7 @@ class ImageCTR(nn.Module):
     category: str = "cat"
     image: str = "image"
     image_id: str = "ad_index"
+    visual: str = "visual"
     channels: Sequence[int] = (16, 32, 32)
     visual_dim: int = 16
     prior_channels: int = 8
@@ -170,13 +182,22 @@ class ImageCTR(nn.Module):
         h = activate(self.activation, h, train, "mlp", self.param_dtype, "act_0")
         aux = {}
         if self.model != "no_image":
-            rows = next(t.rows for t in self.tables if t.name == self._category_table())
-            tower = ImageTower(self.channels, self.visual_dim, self.model, -(-rows // self.row_multiple) * self.row_multiple,
-                               self.prior_channels, self.reduction, name="tower", **kw)
-            visual, aux["maps"] = self._visual(tower, batch[self.image], batch[self.category], batch[self.image_id])
+            if self.visual in batch and not self.is_initializing():
+                visual = batch[self.visual]  # [B, visual_dim], precomputed per ad (serving)
+            else:
+                visual, aux["maps"] = self._visual(self.image_tower(name="tower"), batch[self.image], batch[self.category],
+                                                   batch[self.image_id])
             h = jnp.concatenate([h, visual.astype(h.dtype)], axis=-1)
         logits = MLP(self.mlp_hidden[1:], self.activation, out_features=1, in_axis="embed", name="mlp", **kw)(h, train)
         return logits[:, 0].astype(jnp.float32), aux
+
+    def image_tower(self, name: str | None = None, standalone: bool = False) -> ImageTower:
+        """The image tower of this model (its parameters are params['tower']); standalone=True
+        builds an unbound copy to apply on its own (precompute_visual)."""
+        rows = next(t.rows for t in self.tables if t.name == self._category_table())
+        extra = {"parent": None} if standalone else {"name": name}
+        return ImageTower(self.channels, self.visual_dim, self.model, -(-rows // self.row_multiple) * self.row_multiple,
+                          self.prior_channels, self.reduction, dtype=self.dtype, param_dtype=self.param_dtype, **extra)
 
     def _category_table(self) -> str:
         for f in self.features:
@@ -200,3 +221,39 @@ class ImageCTR(nn.Module):
             return module(images, category)
 
         return nn.cond(distinct_count(ids) <= u, distinct, every, tower, images, category)
+
+
+def precompute_visual(model: ImageCTR, params, images, categories, batch_size: int = 256):
+    """The serving table of visual vectors: model's image tower on every ad image, offline.
+
+    Args:
+      model: the ImageCTR (not 'no_image').
+      params: its parameters (the 'params' collection, or a dict holding it).
+      images: [N, S, S, 3] one image per ad.
+      categories: [N] each ad's *encoded* category id (as the model's category input).
+      batch_size: ads per tower call.
+
+    Returns:
+      [N, visual_dim] float32 NumPy array; row n is ad n's visual vector, to be fed as
+      batch[model.visual] = table[ad_index].
+    """
+    import numpy as np
+
+    if model.model == "no_image":
+        raise ValueError("precompute_visual: model 'no_image' has no image tower.")
+    params = params.get("params", params)
+    tower = model.image_tower(standalone=True)
+    apply = jax.jit(lambda p, x, c: tower.apply({"params": p}, x, c)[0])
+    n = len(images)
+    if len(categories) != n:
+        raise ValueError(f"precompute_visual: {n} images but {len(categories)} categories.")
+    out = []
+    for start in range(0, n, batch_size):
+        x = np.asarray(images[start : start + batch_size], np.float32)
+        c = np.asarray(categories[start : start + batch_size], np.int32)
+        pad = batch_size - len(x) if n > batch_size else 0  # one compiled shape for every chunk
+        if pad:
+            x = np.concatenate([x, np.repeat(x[-1:], pad, 0)])
+            c = np.concatenate([c, np.repeat(c[-1:], pad, 0)])
+        out.append(np.asarray(apply(params["tower"], x, c))[: len(x) - pad])
+    return np.concatenate(out).astype(np.float32)

@@ -3,6 +3,7 @@
     x -> shared embeddings E(x) -> bottom -> one head per scene s -> p_s
     bottom 'mlp'   h = MLP(E)                          (DADNN-MLP: shared bottom)
            'mmoe'  h_s = sum_i g_{s,i}(E) e_i(E)      (DADNN-MMoE: one gate per scene)
+           'dcn'   h = [Cross(E), MLP(E)]             (DCN: cross network beside the deep MLP)
     L = sum_n [ CE(y_n, p_{s_n}) + lambda sum_{k != s_n} KL(sg(p_{s_n}) || p_k) ] / N
 
 A sample of scene s is supervised only through head s; knowledge transfer (KT) distils every
@@ -11,8 +12,10 @@ the teacher's gradient (one-way distillation) or lets it flow (mutual distillati
 exact KT form is not in the abstract (spec §3.2), so both are switchable.
 
 `MODELS` names the comparison: 'mixed' (one head for all scenes, scene id as a feature),
-'per_scene' (a separate tower per scene on the shared embeddings: no shared bottom),
-'shared_bottom' / 'mmoe' (lambda = 0) and 'dadnn_mlp' / 'dadnn_mmoe' (with KT).
+'dcn' (the same single-head model with DCN's cross network beside the deep MLP, the paper's
+production baseline; its head tower then plays DCN's combination layer), 'per_scene' (a
+separate tower per scene on the shared embeddings: no shared bottom), 'shared_bottom' /
+'mmoe' (lambda = 0) and 'dadnn_mlp' / 'dadnn_mmoe' (with KT).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 
 from jdjax.nn.ctr.embedding import Embeddings, concat_features
 from jdjax.nn.ctr.features import TableSpec
-from jdjax.nn.ctr.layers import MLP
+from jdjax.nn.ctr.layers import MLP, CrossNetwork
 from jdjax.nn.ctr.moe import MMoE
 
 Dtype = Any
@@ -34,6 +37,7 @@ Dtype = Any
 # name -> (bottom, heads per scene, knowledge transfer)
 MODELS = {
     "mixed": ("mlp", False, False),
+    "dcn": ("dcn", False, False),
     "per_scene": ("none", True, False),
     "shared_bottom": ("mlp", True, False),
     "mmoe": ("mmoe", True, False),
@@ -67,6 +71,7 @@ class DADNN(nn.Module):
       bottom_hidden: shared bottom widths (each expert's widths for MMoE).
       head_hidden: per-scene head widths (then one output logit).
       num_experts: MMoE experts.
+      cross_layers / cross_parameterization: DCN's cross network ('vector': DCN, 'matrix': DCN-V2).
       kt_weight: lambda of the knowledge-transfer term (used by the models with KT).
       kt_stop_gradient: one-way (True) or mutual (False) distillation.
     """
@@ -79,6 +84,8 @@ class DADNN(nn.Module):
     bottom_hidden: Sequence[int] = (128, 64)
     head_hidden: Sequence[int] = (32,)
     num_experts: int = 4
+    cross_layers: int = 3
+    cross_parameterization: str = "vector"
     activation: str = "relu"
     kt_weight: float = 0.1
     kt_stop_gradient: bool = True
@@ -102,6 +109,10 @@ class DADNN(nn.Module):
         if bottom == "mlp":
             h = MLP(self.bottom_hidden, self.activation, name="bottom", **kw)(x, train)
             h = jnp.broadcast_to(h[:, None], (h.shape[0], heads, h.shape[-1]))  # [B, S', H]
+        elif bottom == "dcn":
+            cross = CrossNetwork(self.cross_layers, self.cross_parameterization, name="cross", **kw)(x)  # [B, D]
+            deep = MLP(self.bottom_hidden, self.activation, name="bottom", **kw)(x, train)  # [B, H]
+            h = jnp.concatenate([cross, deep.astype(cross.dtype)], axis=-1)[:, None]  # [B, 1, D + H]
         elif bottom == "mmoe":
             h, aux["gates"] = MMoE(self.num_experts, heads, self.bottom_hidden, self.activation, name="bottom", **kw)(x, train)
         else:

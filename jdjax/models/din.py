@@ -99,7 +99,8 @@ class BehaviourCTR(nn.Module):
         'weights' (the attention / KFAtt weights, absent for sum pooling)."""
         scorer, pooling = scorer_and_pooling(self.model)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        emb = Embeddings(self.features, self.tables, self.row_multiple, name="embeddings", **kw)(batch)
+        embeddings = Embeddings(self.features, self.tables, self.row_multiple, name="embeddings", **kw)
+        emb = embeddings(batch)
         cat = lambda names: jnp.concatenate([emb[n] for n in names], axis=-1)
         e_target = cat(self.target)  # [B, Dv]
         values = cat(self.history)  # [B, T, Dv]
@@ -117,7 +118,7 @@ class BehaviourCTR(nn.Module):
                 )
                 v_hat, aux["weights"] = MultiHeadKFAtt(
                     pooling, self.num_heads, self.head_dim, values.shape[-1], self.prior_hidden, self.prior, name="decoder", **kw
-                )(q, k, h, mask, dedup)
+                )(q, k, h, mask, dedup, *self._key_table(embeddings, batch, pooling))
             else:
                 if scorer == "attention":
                     if q.shape[-1] != k.shape[-1]:
@@ -127,8 +128,23 @@ class BehaviourCTR(nn.Module):
                     scores = LocalActivationUnit(self.din_hidden, name="din", **kw)(q, k)
                 v_hat, aux["weights"] = KFAttPooling(
                     pooling, values.shape[-1], self.prior_hidden, self.prior, name="pooling", **kw
-                )(q, scores, values, mask, k, dedup)
+                )(q, scores, values, mask, k, dedup, *self._key_table(embeddings, batch, pooling))
         others = [emb[n].reshape(emb[n].shape[0], -1) for n in self.other]
         x = jnp.concatenate([*others, e_target, v_hat, e_target * v_hat], axis=-1)
         logits = MLP(self.mlp_hidden, self.activation, out_features=1, dropout=self.dropout, name="mlp", **kw)(x, train)
         return logits[:, 0].astype(jnp.float32), aux
+
+    def _key_table(self, embeddings: Embeddings, batch, pooling: str):
+        """(key table [V, Dk], key ids [B, T]) when KFAtt-freq's keys are one varlen feature, also the
+        de-duplication feature, whose table has at most B * T rows (the sigma' MLP then runs per
+        table row and the counts are a scatter-add), else (None, None)."""
+        if pooling != "kfatt_freq" or len(self.keys) != 1 or self.dedup != self.keys[0]:
+            return None, None
+        ids = batch[self.keys[0]]  # [B, T]
+        table_name = next((f.table for f in self.features if f.name == self.keys[0] and hasattr(f, "maxlen")), None)
+        if table_name is None:
+            return None, None
+        table = nn.meta.unbox(embeddings.variables["params"][table_name])
+        if table.shape[0] > ids.size:
+            return None, None
+        return table.astype(self.dtype), ids

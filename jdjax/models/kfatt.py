@@ -52,12 +52,23 @@ def kfatt_base(
 
     Returns:
       (v_hat [B, Dv], weights [B, 1 + T]: the prior's weight first, then the behaviours').
+
+    The (T + 1)-token softmax is computed without materialising the [B, 1 + T, Dv] token array:
+    the prior's term is added to the behaviours' weighted sum (one max shift for all T + 1 logits).
     """
-    logits = jnp.concatenate([prior_logit[:, None], scores], axis=-1).astype(jnp.float32)  # [B, 1 + T]
-    valid = jnp.concatenate([jnp.isfinite(prior_logit)[:, None], mask], axis=-1)
-    w = masked_softmax(logits, valid)
-    tokens = jnp.concatenate([prior_mean[:, None, :], values], axis=1).astype(jnp.float32)  # [B, 1 + T, Dv]
-    return jnp.einsum("bt,btd->bd", w, tokens).astype(values.dtype), w
+    s0 = prior_logit.astype(jnp.float32)  # [B]
+    s = scores.astype(jnp.float32)  # [B, T]
+    has_prior = jnp.isfinite(s0)
+    neg = jnp.finfo(jnp.float32).min
+    top = jnp.maximum(jnp.where(has_prior, s0, neg), jnp.max(jnp.where(mask, s, neg), axis=-1))  # [B]
+    top = jax.lax.stop_gradient(jnp.where(top > neg, top, 0.0))
+    # exp(-inf) = 0 with a zero gradient: masked entries neither count nor produce NaN gradients.
+    e0 = jnp.exp(jnp.where(has_prior, s0 - top, -jnp.inf))  # [B]
+    e = jnp.exp(jnp.where(mask, s - top[:, None], -jnp.inf))  # [B, T]
+    z = jnp.maximum(e0 + jnp.sum(e, axis=-1), jnp.finfo(jnp.float32).tiny)  # [B]
+    w0, w = e0 / z, e / z[:, None]
+    out = w0[:, None] * prior_mean.astype(jnp.float32) + jnp.einsum("bt,btd->bd", w, values.astype(jnp.float32))
+    return out.astype(values.dtype), jnp.concatenate([w0[:, None], w], axis=-1)
 
 
 def dedup_assignment(keys: jax.Array, mask: jax.Array) -> jax.Array:
@@ -80,6 +91,7 @@ def kfatt_freq(
     mask: jax.Array,
     keys: jax.Array,
     log_random_var: jax.Array,
+    num_keys: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """KFAtt-freq: de-duplicate behaviours by key, cap each sensor's weight, pool with the prior.
 
@@ -87,25 +99,43 @@ def kfatt_freq(
       prior_logit, prior_mean, scores, values, mask: as in `kfatt_base`.
       keys: [B, T] integer de-duplication keys (e.g. leaf category ids).
       log_random_var: [B, T] log sigma'^2 of each behaviour's key.
+      num_keys: a static bound on the keys (all in [0, num_keys)), e.g. the rows of the category
+        table: the per-row counts n_m are then a scatter-add into [B, num_keys] (O(B T)) instead
+        of the [B, T, T] key comparison.
 
-    A sensor's score and log sigma'^2 are those of its first behaviour: exactly s_m and
-    log sigma'_m^2 when they are functions of the key (the KFAtt setting, q^T k_m with the
-    category as both the attention key and the de-duplication key).
+    `scores` and `log_random_var` are taken to be functions of the key within a row, so that
+    they are the sensor's s_m and log sigma'_m^2: the KFAtt setting (q^T k_m, a DIN unit or a
+    Transformer head on k_m, with the category both the attention key and the de-duplication
+    key; every scorer of jdjax.models.din satisfies it). Otherwise each behaviour enters with
+    its own precision, capped with its sensor's count.
+
+    Computed per behaviour, without gathering sensors: sum_m w_m v_bar_m = sum_t (w_m(t) / n_m(t)) v_t,
+    so the (M + 1)-token softmax over [s_0, log w_m] and [mu_q, v_bar_m] equals the (T + 1)-token
+    softmax over [s_0, log w_m(t) - log n_m(t)] and [mu_q, v_t]: elementwise work on the [B, T, T]
+    key comparison only, no [B, T, M] x [B, T, Dv] contraction.
 
     Returns:
-      (v_hat [B, Dv], weights [B, 1 + M] (prior first; M = T sensor slots, empty slots 0),
-       counts n_m [B, M]).
+      (v_hat [B, Dv], weights [B, 1 + M] (prior first; M = T sensor slots, sensor m at the
+       position of its first behaviour, other slots 0), counts n_m [B, M]). Under jit the
+       weights and counts cost nothing unless they are used.
     """
-    a = dedup_assignment(keys, mask)  # [B, T, M]
-    n = jnp.sum(a, axis=1)  # [B, M]
-    denom = jnp.maximum(n, 1.0)
-    v_bar = jnp.einsum("btm,btd->bmd", a, values.astype(jnp.float32)) / denom[..., None]  # [B, M, Dv]
-    # Sensor m sits at its first behaviour's position m: its score and random error are that behaviour's.
-    s_m = scores.astype(jnp.float32)
-    lv_m = log_random_var.astype(jnp.float32)
-    log_w = -jnp.logaddexp(-s_m, lv_m - jnp.log(denom))  # [B, M]
-    out, w = kfatt_base(prior_logit, prior_mean, log_w, v_bar, n > 0)
-    return out.astype(values.dtype), w, n
+    b, t = keys.shape
+    same = (keys[:, :, None] == keys[:, None, :]) & mask[:, None, :]  # [B, T, T] valid behaviours with t's key
+    if num_keys is None:
+        n_t = jnp.sum(same, axis=-1, dtype=jnp.int32)  # [B, T] clicks of behaviour t's sensor
+    else:
+        flat = (jnp.arange(b)[:, None] * num_keys + keys).reshape(-1)  # [B * T] row-major (row, key) slots
+        per_key = jnp.zeros(b * num_keys, jnp.int32).at[flat].add(mask.reshape(-1).astype(jnp.int32))
+        n_t = per_key[flat].reshape(b, t)
+    n_t = n_t.astype(jnp.float32)
+    log_n = jnp.log(jnp.maximum(n_t, 1.0))
+    log_w = -jnp.logaddexp(-scores.astype(jnp.float32), log_random_var.astype(jnp.float32) - log_n)  # log w_m(t)
+    out, w = kfatt_base(prior_logit, prior_mean, log_w - log_n, values, mask)
+    earlier = jnp.arange(t)[None, :] < jnp.arange(t)[:, None]  # [T, T] t' before t
+    is_first = mask & ~jnp.any(same & earlier, axis=-1)  # [B, T] t opens its sensor
+    counts = jnp.where(is_first, n_t, 0.0)  # [B, M]
+    sensor_w = jnp.where(is_first, w[:, 1:] * n_t, 0.0)  # the sensor's total weight at its slot
+    return out.astype(values.dtype), jnp.concatenate([w[:, :1], sensor_w], axis=-1), counts
 
 
 class TwoLayerMLP(nn.Module):
@@ -147,9 +177,14 @@ class KFAttPooling(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, query, scores, values, mask, keys=None, dedup_keys=None):
+    def __call__(self, query, scores, values, mask, keys=None, dedup_keys=None, key_table=None, key_ids=None):
         """query [B, Dq], scores [B, T], values [B, T, Dv], mask [B, T]; for 'kfatt_freq' also keys
         [B, T, Dk] (input of the sigma' MLP) and dedup_keys [B, T] int.
+
+        When the keys are rows of one embedding table, pass key_table [V, Dk] and key_ids [B, T]
+        (keys = key_table[key_ids] on valid behaviours, and dedup_keys ids of the same table, < V):
+        the sigma' MLP then runs once per table row instead of once per behaviour, and the counts
+        are a scatter-add (the same parameters and values; cheaper when V < B * T).
 
         Returns (v_hat [B, Dv], weights [B, 1 + T] for KFAtt (prior first) or [B, T] for softmax).
         """
@@ -169,8 +204,14 @@ class KFAttPooling(nn.Module):
             return kfatt_base(s0, mu, scores, values, mask)
         if keys is None or dedup_keys is None:
             raise ValueError("KFAttPooling: mode 'kfatt_freq' needs `keys` and `dedup_keys`.")
-        log_var = TwoLayerMLP(1, self.prior_hidden, self.dtype, self.param_dtype, name="random_error")(keys)[..., 0]  # [B, T]
-        out, w, _ = kfatt_freq(s0, mu, scores, values, mask, dedup_keys, log_var)
+        random_error = TwoLayerMLP(1, self.prior_hidden, self.dtype, self.param_dtype, name="random_error")
+        if key_table is not None and key_ids is not None:
+            log_var = jnp.take(random_error(key_table)[:, 0], key_ids, axis=0)  # [V] -> [B, T]
+        else:
+            log_var = random_error(keys)[..., 0]  # [B, T]
+        # Table mode: the de-duplication keys are rows of the key table too (BehaviourCTR checks it).
+        num_keys = key_table.shape[0] if key_table is not None and key_ids is not None else None
+        out, w, _ = kfatt_freq(s0, mu, scores, values, mask, dedup_keys, log_var, num_keys)
         return out, w
 
 
@@ -190,30 +231,34 @@ class MultiHeadKFAtt(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, query, keys, values, mask, dedup_keys=None):
+    def __call__(self, query, keys, values, mask, dedup_keys=None, key_table=None, key_ids=None):
         """query [B, Dq], keys [B, T, Dk], values (encoder output H) [B, T, Dh], mask [B, T],
-        dedup_keys [B, T] (kfatt_freq). Returns (v_hat [B, out_dim], weights [B, heads, ...])."""
+        dedup_keys [B, T] (kfatt_freq); key_table [V, Dk] / key_ids [B, T] as in KFAttPooling.
+        Returns (v_hat [B, out_dim], weights [B, heads, ...])."""
 
-        def proj(name, x, in_axes=("embed",)):
+        def proj(name):
             return nn.DenseGeneral(
                 (self.num_heads, self.head_dim), dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False,
-                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (*in_axes, "heads", "kv")), name=name,
-            )(x)
+                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "heads", "kv")), name=name,
+            )
 
-        q = proj("query", query)  # [B, H, Dh]
-        k = proj("key", keys)  # [B, T, H, Dh]
-        v = proj("value", values)  # [B, T, H, Dh]
+        key_proj = proj("key")
+        q = proj("query")(query)  # [B, H, Dh]
+        k = key_proj(keys)  # [B, T, H, Dh]
+        v = proj("value")(values)  # [B, T, H, Dh]
         scores = jnp.einsum("bhd,bthd->bht", q, k)  # [B, H, T], unscaled as in the paper
+        table = key_proj(key_table) if self.mode == "kfatt_freq" and key_table is not None else None  # [V, H, Dh]
         pool = nn.vmap(
             KFAttPooling,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(1, 1, 2, None, 2, None),  # the heads axis of query, scores, values, mask, keys, dedup keys
+            # the heads axis of query, scores, values, mask, keys, dedup keys, key table, key ids
+            in_axes=(1, 1, 2, None, 2, None, 1, None),
             out_axes=1,
             metadata_params={nn.PARTITION_NAME: "heads"},
         )(self.mode, self.head_dim, prior_hidden=self.prior_hidden, prior=self.prior, dtype=self.dtype,
           param_dtype=self.param_dtype, name="pool")
-        heads, w = pool(q, scores, v, mask, k, dedup_keys)  # [B, H, Dh], [B, H, ...]
+        heads, w = pool(q, scores, v, mask, k, dedup_keys, table, key_ids if table is not None else None)  # [B, H, Dh], [B, H, ...]
         out = nn.DenseGeneral(
             self.out_dim, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("heads", "kv", "embed")), name="out",

@@ -7,8 +7,9 @@ multi-scene models (DADNN and its baselines) and image CTR models (CSCNN and its
     python -m jdjax.tasks.ctr --config=configs/kfatt.py --workdir=runs/kfatt-compare   # model set x seeds
 
 The model family follows from `model.name`: a key of jdjax.models.din.MODELS (behaviour, data
-'clicklog' or 'amazon'), of jdjax.models.dadnn.MODELS (multi-scene, data 'scenes') or of
-jdjax.models.cscnn.MODELS (image, data 'ads').
+'clicklog' or 'amazon'), of jdjax.models.dadnn.MODELS (multi-scene, data 'scenes' (embedded) or
+'scene_files' (CSV / Parquet files in data.data_dir, jdjax.data.clicklog.load_scene_files)) or
+of jdjax.models.cscnn.MODELS (image, data 'ads').
 
 Loss: logloss (sigmoid cross-entropy) plus any auxiliary loss the model returns (DADNN's
 knowledge transfer). `predict` returns per-example probabilities, labels, user ids and slice
@@ -46,7 +47,7 @@ from jdjax.tasks.base import Task
 from jdjax.train import sharding as shd
 
 FAMILIES = {"behaviour": din.MODELS, "scenes": dadnn.MODELS, "images": cscnn.MODELS}
-DATA_SOURCES = {"behaviour": ("clicklog", "amazon"), "scenes": ("scenes",), "images": ("ads",)}
+DATA_SOURCES = {"behaviour": ("clicklog", "amazon"), "scenes": ("scenes", "scene_files"), "images": ("ads",)}
 ACTIVATIONS = ("relu", "prelu", "sigmoid")
 
 
@@ -72,11 +73,16 @@ def load_splits(data_cfg) -> tuple[tuple, dict, np.ndarray | None]:
 
         splits = amazon.load(data_cfg.data_dir, maxlen=data_cfg.maxlen, seed=data_cfg.seed)
         return amazon.features(data_cfg.embedding_dim, data_cfg.maxlen), splits, None
-    if data_cfg.name == "scenes":
-        splits = clicklog.generate_scenes(data_cfg.size, seed=data_cfg.seed)
+    if data_cfg.name in ("scenes", "scene_files"):
+        if data_cfg.name == "scenes":
+            features, splits = clicklog.scene_features(data_cfg.embedding_dim), clicklog.generate_scenes(data_cfg.size, seed=data_cfg.seed)
+        else:
+            dense = tuple(c for c in data_cfg.dense_columns.split(",") if c)
+            features, splits = clicklog.load_scene_files(data_cfg.data_dir, data_cfg.embedding_dim, data_cfg.label_column,
+                                                         data_cfg.scene_column, data_cfg.user_column, dense)
         for raw in splits.values():
             raw["scene_index"] = raw["scene"].astype(np.int32)
-        return clicklog.scene_features(data_cfg.embedding_dim), splits, None
+        return features, splits, None
     if data_cfg.name == "ads":
         splits, images = clicklog.generate_ads(data_cfg.size, seed=data_cfg.seed)
         return clicklog.ad_features(data_cfg.embedding_dim), splits, images
@@ -130,7 +136,8 @@ def build_model(model_cfg, fmap: FeatureMap, num_scenes: int = 0):
         return dadnn.DADNN(
             features=fmap.features, tables=fmap.tables(), model=model_cfg.name, num_scenes=num_scenes,
             scene="scene_index", bottom_hidden=tuple(model_cfg.bottom_hidden), head_hidden=tuple(model_cfg.head_hidden),
-            num_experts=model_cfg.num_experts, activation=model_cfg.activation, kt_weight=model_cfg.kt_weight,
+            num_experts=model_cfg.num_experts, cross_layers=model_cfg.get("cross_layers", 3),
+            activation=model_cfg.activation, kt_weight=model_cfg.kt_weight,
             kt_stop_gradient=model_cfg.kt_stop_gradient, row_multiple=model_cfg.table_row_multiple, dtype=dtype,
         )
     return din.BehaviourCTR(
@@ -240,6 +247,9 @@ def validate(config) -> list[str]:
     errors = []
     if config.data.name == "amazon" and not config.data.data_dir:
         errors.append("data.name='amazon' needs --config.data.data_dir (the directory with the reviews and meta files).")
+    if config.data.name == "scene_files" and not config.data.data_dir:
+        errors.append("data.name='scene_files' needs --config.data.data_dir (a directory with train, val and test "
+                      ".parquet / .csv / .csv.gz files).")
     if config.data.name in ("clicklog", "scenes", "ads"):
         from jdjax.data.clicklog import AD_SIZES, SCENE_SIZES, SIZES
 

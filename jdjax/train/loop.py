@@ -26,7 +26,13 @@ from jdjax.data import pipeline
 from jdjax.tasks.base import Task
 from jdjax.train import sharding as shd
 from jdjax.train.checkpoint import Checkpointer, abstract_with_shardings
-from jdjax.train.logging import Chrono, MetricWriter, is_main_process, progress_bar, save_config
+from jdjax.train.logging import (
+    Chrono,
+    MetricWriter,
+    is_main_process,
+    progress_bar,
+    save_config,
+)
 from jdjax.train.optim import count_params, make_optimizer, trainable_mask
 from jdjax.train.state import TrainState
 

@@ -101,3 +101,24 @@ def test_ad_log_layout(ads):
     train_ads = set(splits["train"]["ad"])
     assert not train_ads & set(splits["test"]["ad"]) and not train_ads & set(splits["val"]["ad"])
     np.testing.assert_array_equal(splits["train"]["ad"], splits["train"]["ad_index"])
+
+
+@pytest.mark.parametrize("name", ["cnn", "cbam", "cscnn"])
+def test_precomputed_visual_serving_path_equals_end_to_end(ads, name):
+    """Serving: the tower once per ad offline, a table lookup online, the same logits."""
+    splits, images, fmap, batch = ads
+    model = cscnn.ImageCTR(fmap.features, fmap.tables(), name, channels=(4, 4), visual_dim=4, mlp_hidden=(8, 4))
+    params = jax.jit(model.init)(jax.random.key(0), batch)
+    train = splits["train"]
+    ad_cat = np.zeros(len(images), np.int32)  # every ad's encoded category (unseen ads: any row, unused)
+    ad_cat[train["ad_index"]] = fmap.encode({k: train[k] for k in ("user", "ad", "cat")})["cat"]
+    table = cscnn.precompute_visual(model, params, images, ad_cat, batch_size=16)  # 3 chunks + a padded one
+    assert table.shape == (len(images), 4)
+    end_to_end, _ = jax.jit(model.apply)(params, batch)
+    served = {k: v for k, v in batch.items() if k != "image"}  # no image in the request
+    served["visual"] = jnp.asarray(table[np.asarray(batch["ad_index"])])
+    online, aux = jax.jit(model.apply)(params, served)
+    np.testing.assert_allclose(online, end_to_end, rtol=1e-5, atol=1e-6)
+    assert "maps" not in aux
+    with pytest.raises(ValueError, match="no image tower"):
+        cscnn.precompute_visual(cscnn.ImageCTR(fmap.features, fmap.tables(), "no_image"), params, images, ad_cat)

@@ -200,3 +200,44 @@ def test_pooling_module_prior_only_for_empty_history(mode):
     mu = kfatt.TwoLayerMLP(D, 8).apply({"params": params["params"]["prior_mean"]}, q)
     np.testing.assert_allclose(out, mu, atol=1e-6)
     np.testing.assert_allclose(w[:, 0], 1.0)
+
+
+def test_freq_counts_by_scatter_equal_counts_by_comparison():
+    s0, mu, scores, values, mask, keys, lv = map(jnp.asarray, _inputs(seed=9))
+    out, w, n = kfatt.kfatt_freq(s0, mu, scores, values, mask, keys, lv)
+    out_s, w_s, n_s = kfatt.kfatt_freq(s0, mu, scores, values, mask, keys, lv, num_keys=3)
+    np.testing.assert_allclose(out_s, out, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(w_s, w, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(n_s, n)
+
+
+@pytest.mark.parametrize("name", ["kfatt_freq", "din_kfatt_freq", "transformer_kfatt_freq"])
+def test_random_error_per_table_row_equals_per_behaviour(name):
+    """KFAtt-freq in a model runs the sigma' MLP once per category-table row: the same outputs
+    and gradients as running it on every behaviour's key."""
+    import flax.linen as nn
+
+    from jdjax.data import clicklog
+    from jdjax.models.din import BehaviourCTR
+    from jdjax.nn.ctr.features import FeatureMap
+
+    log = clicklog.generate("tiny", seed=0)["train"]
+    fmap = FeatureMap.fit(clicklog.features(8, clicklog.SIZES["tiny"].maxlen), log)
+    enc = fmap.encode({k: log[k][:16] for k in ("user", "item", "cat", "hist_item", "hist_cat")})
+    batch = {k: jnp.asarray(v) for k, v in enc.items()}
+    kw = {"mlp_hidden": (16, 8), "din_hidden": (8, 4), "head_dim": 4, "prior_hidden": 8}
+    table_mode = BehaviourCTR(fmap.features, fmap.tables(), name, **kw)
+    per_behaviour = BehaviourCTR(fmap.features, fmap.tables(), name, dedup="hist_cat_copy", **kw)
+    params = nn.meta.unbox(table_mode.init(jax.random.key(0), batch)["params"])
+    copy = {**batch, "hist_cat_copy": batch["hist_cat"]}  # de-duplicate by a copy: not table mode
+    jaxpr = lambda model, b: str(jax.make_jaxpr(lambda p: model.apply({"params": p}, b))(params))
+    assert "scatter-add" in jaxpr(table_mode, batch) and "scatter-add" not in jaxpr(per_behaviour, copy)
+
+    def loss(model, b):
+        return lambda p: jnp.sum(model.apply({"params": p}, b)[0] ** 2)
+
+    g1, g2 = jax.grad(loss(table_mode, batch))(params), jax.grad(loss(per_behaviour, copy))(params)
+    np.testing.assert_allclose(table_mode.apply({"params": params}, batch)[0],
+                               per_behaviour.apply({"params": params}, copy)[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

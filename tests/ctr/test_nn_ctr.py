@@ -162,3 +162,28 @@ def test_mmoe_gates_are_distributions_over_experts():
     mixed, gates = mmoe.apply(variables, x)
     chex.assert_shape([mixed, gates], [(4, 2, 8), (4, 2, 3)])
     np.testing.assert_allclose(gates.sum(-1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("parameterization", ["vector", "matrix"])
+def test_cross_network_matches_numpy_reference(parameterization):
+    x0 = np.random.default_rng(0).normal(size=(5, 6)).astype(np.float32)
+    net = ctr.CrossNetwork(num_layers=3, parameterization=parameterization)
+    params = nn.meta.unbox(net.init(jax.random.key(0), x0)["params"])
+    params = jax.tree.map(lambda p: p + 0.1, params)  # non-zero biases too
+    out = net.apply({"params": params}, x0)
+    chex.assert_shape(out, (5, 6))
+    x = x0.astype(np.float64)
+    for i in range(3):
+        w, b = np.asarray(params[f"kernel_{i}"], np.float64), np.asarray(params[f"bias_{i}"], np.float64)
+        x = x0 * (x @ w)[:, None] + b + x if parameterization == "vector" else x0 * (x @ w + b) + x
+    np.testing.assert_allclose(out, x, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_network_degree_is_bounded_by_layers():
+    """With zero biases, one layer on a scaled input is a polynomial of degree 2: f(2x) = 2 x + 4 (cross)."""
+    net = ctr.CrossNetwork(num_layers=1)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 4)), jnp.float32)
+    params = net.init(jax.random.key(0), x)
+    lin = x
+    cross = net.apply(params, x) - lin
+    np.testing.assert_allclose(net.apply(params, 2 * x), 2 * lin + 4 * cross, rtol=1e-5, atol=1e-5)

@@ -60,7 +60,7 @@ def test_summarize_per_slice():
     "overrides, message",
     [
         ({"model.name": "dien"}, "model.name='dien' is not a CTR model"),
-        ({"model.name": "dadnn_mlp"}, "needs data.name in ('scenes',)"),
+        ({"model.name": "dadnn_mlp"}, "needs data.name in ('scenes', 'scene_files')"),
         ({"model.activation": "dice"}, "Dice needs running statistics"),
         ({"data.name": "amazon"}, "needs --config.data.data_dir"),
         ({"data.size": "huge"}, "data.size='huge' is unknown"),

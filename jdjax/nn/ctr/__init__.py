@@ -1,5 +1,6 @@
 """Shared CTR blocks: feature declarations and vocabularies, embedding tables, the MLP tower
-(PReLU / Dice), DIN's local activation unit, a Transformer behaviour encoder and MMoE."""
+(PReLU / Dice), DCN's cross network, DIN's local activation unit, a Transformer behaviour
+encoder and MMoE."""
 
 from jdjax.nn.ctr.attention import (
     BehaviourEncoder,
@@ -15,12 +16,13 @@ from jdjax.nn.ctr.features import (
     TableSpec,
     VarLenFeat,
 )
-from jdjax.nn.ctr.layers import MLP, Dice, PReLU
+from jdjax.nn.ctr.layers import MLP, CrossNetwork, Dice, PReLU
 from jdjax.nn.ctr.moe import MMoE
 
 __all__ = [
     "MLP",
     "BehaviourEncoder",
+    "CrossNetwork",
     "DenseFeat",
     "Dice",
     "Embeddings",

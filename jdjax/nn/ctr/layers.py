@@ -122,3 +122,42 @@ class MLP(nn.Module):
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
             name=name,
         )
+
+
+class CrossNetwork(nn.Module):
+    """DCN's cross network (Wang et al., ADKDD 2017): explicit feature crosses of bounded degree.
+
+        'vector' (DCN):     x_{l+1} = x_0 (x_l^T w_l) + b_l + x_l          w_l, b_l [D]
+        'matrix' (DCN-V2):  x_{l+1} = x_0 * (W_l x_l + b_l) + x_l          W_l [D, D]
+
+    Layer l holds every cross of the input features up to degree l + 1; the output keeps the
+    input's width. x [..., D] -> [..., D].
+
+    Attributes:
+      num_layers: cross layers.
+      parameterization: 'vector' or 'matrix'.
+    """
+
+    num_layers: int = 3
+    parameterization: str = "vector"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x0: jax.Array) -> jax.Array:
+        if self.parameterization not in ("vector", "matrix"):
+            raise ValueError(f"CrossNetwork: parameterization must be 'vector' or 'matrix', got {self.parameterization!r}.")
+        d = x0.shape[-1]
+        x0 = x0.astype(self.dtype)
+        x = x0
+        for i in range(self.num_layers):
+            bias = self.param(f"bias_{i}", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (d,), self.param_dtype)
+            if self.parameterization == "vector":
+                w = self.param(f"kernel_{i}", nn.with_logical_partitioning(nn.initializers.normal(d ** -0.5), ("embed",)),
+                               (d,), self.param_dtype)
+                x = x0 * jnp.einsum("...d,d->...", x, w.astype(self.dtype))[..., None] + bias.astype(self.dtype) + x
+            else:
+                w = self.param(f"kernel_{i}", nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None)),
+                               (d, d), self.param_dtype)
+                x = x0 * (x @ w.astype(self.dtype) + bias.astype(self.dtype)) + x
+        return x
