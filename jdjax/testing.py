@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -36,3 +38,13 @@ def run_main(config: str, workdir: str, *overrides: str, num_devices: int = 1, t
         text=True,
         timeout=timeout,
     )
+
+
+def assert_trees_close(a, b, rtol: float, atol: float) -> None:
+    """Two pytrees have the same number of leaves and all of them are close."""
+    import jax
+
+    flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(flat_a) == len(flat_b)
+    for x, y in zip(flat_a, flat_b):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)

@@ -12,12 +12,7 @@ from jdjax.tasks import get_task_module
 
 def config(**overrides):
     cfg = vit.get_config("smoke")
-    for key, value in overrides.items():
-        node = cfg
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
+    cfg.update_from_flattened_dict(overrides)
     return cfg
 
 

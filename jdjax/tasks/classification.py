@@ -14,8 +14,7 @@ from jdjax.tasks.base import Task
 def image_splits(data_cfg) -> dict:
     """{'train', 'val', 'test'} sources for `data_cfg.name` in {'digits', 'shapes', 'tfds'}."""
     if data_cfg.name == "digits":
-        classes = [int(c) for c in data_cfg.classes.split(",") if c.strip()] or None
-        return images.digits_splits(data_cfg.image_size, seed=0, classes=classes)
+        return images.digits_splits(data_cfg.image_size, seed=0, classes=digit_classes(data_cfg))
     if data_cfg.name == "shapes":
         sizes = {"train": data_cfg.num_train, "val": data_cfg.num_eval, "test": data_cfg.num_eval}
         return images.shapes_splits(sizes, data_cfg.image_size, seed=data_cfg.shapes_seed)
@@ -88,6 +87,11 @@ def validate(config) -> list[str]:
     return errors + data_errors(config.data)
 
 
+def digit_classes(data_cfg) -> list[int] | None:
+    """The digits kept by `data.classes` ('5,6,7' -> [5, 6, 7]; '' -> None, all ten)."""
+    return [int(c) for c in data_cfg.classes.split(",") if c.strip()] or None
+
+
 def data_errors(data_cfg, prefix: str = "data") -> list[str]:
     """Problems of an image data section (`prefix` names it in the messages)."""
     errors = []
@@ -97,7 +101,7 @@ def data_errors(data_cfg, prefix: str = "data") -> list[str]:
         if data_cfg.image_size % 8:
             errors.append(f"{prefix}.image_size={data_cfg.image_size}: the digits are 8x8, use a multiple of 8.")
         try:
-            classes = [int(c) for c in data_cfg.classes.split(",") if c.strip()] or list(range(10))
+            classes = digit_classes(data_cfg) or list(range(10))
         except ValueError:
             return errors + [f"{prefix}.classes={data_cfg.classes!r} must be comma-separated digits, e.g. '5,6,7,8,9'."]
         if len(classes) != data_cfg.num_classes:

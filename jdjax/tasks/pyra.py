@@ -190,10 +190,9 @@ def measure_throughput(models: dict[str, ViT], image_size: int, batch: int, roun
     return {name: batch / statistics.median(times) for name, times in medians.items()}
 
 
-def comparison(config, results: dict[str, dict]) -> list[dict]:
+def comparison(config, results: dict[str, dict], batch: int) -> list[dict]:
     """One row per run: accuracy, images/s and speed-up over dense LoRA, GMACs, trainable params, tokens."""
     models = {run_name(m, c): build_model(config, m, c, config.data.num_classes) for m, c in runs(config)}
-    batch = min(int(config.eval_batch_size), 64)
     speed = measure_throughput(models, config.data.image_size, batch)
     dense = speed.get("lora")
     rows = []
@@ -258,8 +257,8 @@ def run(config, workdir: str) -> dict:
     except Interrupted as stopped:
         log(f"[jdjax] pyra: stopped in {stopped}; rerun the same command to resume.")
         return {"status": "preempted"}
-    rows = comparison(config, results)
     batch = min(int(config.eval_batch_size), 64)
+    rows = comparison(config, results, batch)
     table = format_table(rows, f"images/s: inference at batch {batch} on {jax.devices()[0].platform}, "
                                 f"{config.data.image_size}px, measured in this run; GMACs per image (analytic).")
     if main:

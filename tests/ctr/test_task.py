@@ -22,12 +22,7 @@ def smoke(**overrides):
     cfg = kfatt_config.get_config("smoke")
     cfg.checkpoint.async_save = False
     cfg.logging.tensorboard = False
-    for key, value in overrides.items():
-        node = cfg
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
+    cfg.update_from_flattened_dict(overrides)
     return cfg
 
 

@@ -39,13 +39,6 @@ def config(arg="smoke"):
     return cfg
 
 
-def assert_trees_close(a, b, rtol, atol):
-    flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(flat_a) == len(flat_b)
-    for x, y in zip(flat_a, flat_b):
-        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
-
-
 # ------------------------------------------------------------------------------------------- loss
 
 
@@ -149,8 +142,8 @@ def test_fsdp_eight_devices_match_one(device_runs):
     assert "mesh {'data': 1, 'fsdp': 8, 'model': 1}; 8 devices" in stdout["eight"]
     one, eight = read_state(dirs["one"]), read_state(dirs["eight"])
     assert int(eight["step"]) == 10
-    assert_trees_close(eight["params"], one["params"], rtol=2e-4, atol=2e-5)
-    assert_trees_close(eight["opt_state"], one["opt_state"], rtol=2e-3, atol=1e-6)
+    testing.assert_trees_close(eight["params"], one["params"], rtol=2e-4, atol=2e-5)
+    testing.assert_trees_close(eight["opt_state"], one["opt_state"], rtol=2e-3, atol=1e-6)
 
 
 def test_fsdp_run_really_shards_the_kernels():

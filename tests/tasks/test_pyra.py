@@ -21,12 +21,7 @@ from jdjax.train import optim
 def config(arg="smoke", **overrides):
     cfg = pyra_config.get_config(arg)
     cfg.checkpoint.async_save = False
-    for key, value in overrides.items():
-        node = cfg
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
+    cfg.update_from_flattened_dict(overrides)
     return cfg
 
 

@@ -31,20 +31,8 @@ DEVICE_COMPARISON = ("--config.num_train_steps=10", "--config.optimizer.eps=1e-6
 def smoke_config(**overrides):
     cfg = vit.get_config("smoke")
     cfg.checkpoint.async_save = False
-    for key, value in overrides.items():
-        node = cfg
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
+    cfg.update_from_flattened_dict(overrides)
     return cfg
-
-
-def assert_trees_close(a, b, rtol, atol):
-    flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(flat_a) == len(flat_b)
-    for x, y in zip(flat_a, flat_b):
-        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +52,8 @@ def test_eight_devices_match_one(one_device_run, tmp_path, variant):
     one = read_state(one_device_run)
     eight = read_state(str(tmp_path))
     assert int(eight["step"]) == 10
-    assert_trees_close(eight["params"], one["params"], rtol=2e-4, atol=2e-5)
-    assert_trees_close(eight["opt_state"], one["opt_state"], rtol=2e-3, atol=1e-6)
+    testing.assert_trees_close(eight["params"], one["params"], rtol=2e-4, atol=2e-5)
+    testing.assert_trees_close(eight["opt_state"], one["opt_state"], rtol=2e-3, atol=1e-6)
 
 
 def test_resume_is_bit_identical(tmp_path):
@@ -189,4 +177,4 @@ def test_two_processes_train_in_step_with_one(tmp_path):
     assert "2 devices on 2 process(es)" in outs[0][0]
     a, b = read_state(single), read_state(multi)
     assert int(b["step"]) == 10
-    assert_trees_close(b["params"], a["params"], rtol=1e-5, atol=1e-6)
+    testing.assert_trees_close(b["params"], a["params"], rtol=1e-5, atol=1e-6)
