@@ -155,8 +155,9 @@ def sample_page(key, centres: jax.Array, p: EnvParams) -> Page:
     return Page(user, ad_x, ad_cat, bid, org_x[order], org_cat[order])
 
 
+@functools.partial(jax.jit, static_argnames=("p", "num"))
 def sample_pages(key, centres: jax.Array, p: EnvParams, num: int) -> Page:
-    """`num` requests, each field with a leading [num] axis."""
+    """`num` requests, each field with a leading [num] axis (one compiled program)."""
     return jax.vmap(lambda k: sample_page(k, centres, p))(jax.random.split(key, num))
 
 

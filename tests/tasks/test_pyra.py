@@ -135,6 +135,7 @@ def test_paper_model_needs_init_from():
     assert any("init_from" in e for e in errors), errors
 
 
+@pytest.mark.slow  # the same recipe is CI's README command 1; this adds the rerun check
 def test_recipe_end_to_end_and_rerun_skips_finished_runs(tmp_path):
     workdir = str(tmp_path)
     proc = testing.run_main("configs/pyra.py:smoke", workdir)
