@@ -219,14 +219,20 @@ def _click_log(key, centres, p: EnvParams, num: int) -> dict:
     }
 
 
+LOG_CHUNK = 1000  # pages per compiled generator call (one compilation serves every log size)
+
+
 def click_log(seed: int, p: EnvParams, num: int, stream: int = 0) -> dict[str, np.ndarray]:
     """Impression logs of `num` pages under the random logging policy, as NumPy arrays:
     user [B, D] float32, x [B, S, D] float32, cat [B, S] int32, is_ad [B, S] bool,
     label [B, S] float32 (clicks), ctr [B, S] float32 (ground truth, for the oracle row only).
-    `seed` fixes the environment (category centres), `stream` the pages (use one per split)."""
+    `seed` fixes the environment (category centres), `stream` the pages (use one per split).
+    Pages are drawn in chunks of LOG_CHUNK, so a log is a prefix of any longer log of its stream."""
     centres = category_centres(seed, p)
     key = jax.random.fold_in(jax.random.key(seed), 1 + stream)
-    out = jax.device_get(_click_log(key, centres, p, num))
+    chunks = [jax.device_get(_click_log(jax.random.fold_in(key, i), centres, p, LOG_CHUNK))
+              for i in range(-(-num // LOG_CHUNK))]
+    out = {k: np.concatenate([c[k] for c in chunks])[:num] for k in chunks[0]}
     out["label"] = out["label"].astype(np.float32)
     out["is_ad"] = out["is_ad"].astype(bool)
-    return {k: np.asarray(v) for k, v in out.items()}
+    return out

@@ -5,10 +5,12 @@ optionally `validate(config) -> list[str]`. Modules are imported lazily."""
 import importlib
 
 TASKS = {
+    "ad_blending": "jdjax.tasks.ad_blending",
     "classification": "jdjax.tasks.classification",
     "contrastive": "jdjax.tasks.contrastive",
     "ctr": "jdjax.tasks.ctr",
     "delayed_feedback": "jdjax.tasks.delayed_feedback",
+    "page_click": "jdjax.tasks.page_click",
     "pyra": "jdjax.tasks.pyra",
 }
 

@@ -76,6 +76,7 @@ def test_click_log_is_seeded_and_labels_follow_ctr():
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
     assert not np.array_equal(a["x"], other["x"])
+    np.testing.assert_array_equal(pe.click_log(0, p, 1200)["x"][:1000], pe.click_log(0, p, 1000)["x"])
     assert a["x"].shape == (3000, 10, 8) and a["label"].dtype == np.float32
     # 30k Bernoulli draws: the click rate is within 4 standard errors of the mean true CTR.
     se = np.sqrt(a["ctr"].mean() * (1 - a["ctr"].mean()) / a["ctr"].size)
