@@ -30,7 +30,7 @@ def get_config(arg=None):
             reserve=0.05,  # per-click reserve; VCG prices are clipped to [reserve, bid]
             tune_pages=500,  # pages for choosing the virtual bids
             eval_pages=1000,  # pages for every reported number
-            chunk=100,  # requests per lax.map chunk (bounds the click model's activations)
+            chunk=8,  # requests per lax.map chunk: bounds the click model's activations (8 fastest on CPU)
             vb_ad=0.0,  # platform value per ad click (fixed in the golden-section search)
             vb_ad_lo=0.0,
             vb_ad_hi=1.0,
@@ -51,7 +51,6 @@ def get_config(arg=None):
         c.batch_size = 32
         c.eval_batch_size = 64
         c.auction.tune_pages = c.auction.eval_pages = 40
-        c.auction.chunk = 20
         c.auction.vb_org_grid = (0.0, 0.5, 2.0)
         c.auction.golden_evals = 4
         c.auction.spsa_iters = 2

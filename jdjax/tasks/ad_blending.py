@@ -54,24 +54,15 @@ def make_generator(name: str):
     raise ValueError(f"auction.generator={name!r}: expected one of {GENERATORS}")
 
 
-def _finished(workdir: str) -> dict | None:
-    path = os.path.join(workdir, "results.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        results = json.load(f)
-    return results if results.get("status") == "completed" else None
-
-
 def train_click_models(config, workdir: str, log=print) -> dict | None:
     """Trains (or reuses) both click models; name -> (ctr_fn, results), None if interrupted."""
     from jdjax.train.checkpoint import read_state
-    from jdjax.train.loop import train_and_evaluate
+    from jdjax.train.loop import completed_results, train_and_evaluate
 
     out = {}
     for name, context in CLICK_MODELS.items():
         sub = os.path.join(workdir, f"click_{name}")
-        results = _finished(sub)
+        results = completed_results(sub)
         if results is None:
             log(f"[jdjax] ad_blending: training the {name} click model in {sub}")
             results = train_and_evaluate(config, sub, page_click.click_model_task(config, context))

@@ -163,15 +163,6 @@ def _sync(name: str) -> None:
 # ----------------------------------------------------------------------------- comparison
 
 
-def _finished(workdir: str) -> dict | None:
-    path = os.path.join(workdir, "results.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        results = json.load(f)
-    return results if results.get("status") == "completed" else None
-
-
 def measure_throughput(models: dict[str, ViT], image_size: int, batch: int, rounds: int = 3) -> dict[str, float]:
     """Inference images/s of each model (random weights, jit, float32) at `batch`, measured in
     interleaved rounds (median of per-round medians) so load drift hits every model alike."""
@@ -236,7 +227,7 @@ def format_table(rows: list[dict], batch_note: str) -> str:
 
 def run(config, workdir: str) -> dict:
     """Pretrains if needed, trains every (method, compression) run, writes and prints the comparison."""
-    from jdjax.train.loop import train_and_evaluate
+    from jdjax.train.loop import completed_results, train_and_evaluate
 
     os.makedirs(workdir, exist_ok=True)
     main = is_main_process()
@@ -247,7 +238,7 @@ def run(config, workdir: str) -> dict:
         for method, compression in runs(config):
             name = run_name(method, compression)
             sub = os.path.join(workdir, name)
-            done = _finished(sub)
+            done = completed_results(sub)
             if done is None:
                 log(f"[jdjax] pyra: {name} from {backbone}")
                 done = train_and_evaluate(config, sub, transfer_task(config, method, compression, backbone, log=log))

@@ -183,6 +183,17 @@ def compile_task(config, task: Task) -> Compiled:
     )
 
 
+def completed_results(workdir: str) -> dict | None:
+    """The results.json that `train_and_evaluate` wrote into workdir if that run completed, else
+    None: lets multi-run tasks skip finished runs and resume interrupted ones."""
+    path = os.path.join(workdir, "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        results = json.load(f)
+    return results if results.get("status") == "completed" else None
+
+
 def train_and_evaluate(config, workdir: str, task: Task) -> dict:
     """Trains `task` as `config` says, in `workdir`; returns the final results dict."""
     os.makedirs(workdir, exist_ok=True)
