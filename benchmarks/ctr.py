@@ -12,14 +12,20 @@ Case 'scenes/<model>': the same for jdjax.models.dadnn at the dadnn config's siz
 relative to the mixed (single-head) model.
 Case 'distinct_images/<k>': the CSCNN forward pass on a batch of 256 samples showing k distinct
 ads, tower once per distinct ad (max_unique_images = k) vs once per sample.
-examples_per_s = batch / step time (training throughput on this CPU). Serving latency, KFAtt's
-cost over its attention and embedding lookups: benchmarks/ctr_serving.py.
+examples_per_s = batch / step time (training throughput on this CPU). Every model of a group (and
+the two variants of a distinct_images case) is compiled and warmed up first, then timed once per
+round in rotating order (harness.interleaved), so that a change of load on the shared cores hits
+them alike; step_ms is the median over the rounds, compile_s the first call minus that median,
+load1 the 1-minute load average. Serving latency, KFAtt's cost over its attention and embedding
+lookups: benchmarks/ctr_serving.py.
 """
+
+import os
 
 from absl import app, flags
 
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes; print but do not record.")
-_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per case (the median is reported).")
+_REPEATS = flags.DEFINE_integer("repeats", 30, "Interleaved rounds per group (each case timed once per round; the median is reported).")
 
 
 def _step_fn(model, batch):
@@ -45,13 +51,34 @@ def _step_fn(model, batch):
     return step, (params, tx.init(params))
 
 
-def _time_steps(model, batch, repeats):
+def _step_call(model, batch):
+    """A zero-argument call running one training step of `model` on `batch` to completion."""
     import jax
+
+    step, (params, opt_state) = _step_fn(model, batch)
+    return lambda: jax.block_until_ready(step(params, opt_state))
+
+
+def _time_interleaved(calls: dict, repeats: int, warmup: int = 2) -> dict:
+    """{name: harness.interleaved summary + 'first_s'}: each call's first (compiling) run timed apart,
+    `warmup` untimed runs, then `repeats` rounds of every call in rotating order."""
+    import time
 
     from benchmarks import harness
 
-    step, (params, opt_state) = _step_fn(model, batch)
-    return harness.time_call(lambda: jax.block_until_ready(step(params, opt_state)), warmup=2, repeats=repeats)
+    first = {}
+    for name, call in calls.items():
+        t0 = time.perf_counter()
+        call()
+        first[name] = time.perf_counter() - t0
+        for _ in range(warmup):
+            call()
+    times = harness.interleaved(calls, repeats)
+    return {name: {**t, "first_s": first[name]} for name, t in times.items()}
+
+
+def _load1() -> float:
+    return round(os.getloadavg()[0], 2)
 
 
 def behaviour_cases(smoke: bool, repeats: int):
@@ -67,13 +94,14 @@ def behaviour_cases(smoke: bool, repeats: int):
     fmap = FeatureMap.fit(clicklog.features(18, log["hist_item"].shape[1]), log)
     enc = fmap.encode({k: log[k][:b] for k in ("user", "item", "cat", "hist_item", "hist_cat")})
     batch = {**{k: jnp.asarray(v) for k, v in enc.items()}, "label": jnp.asarray(log["label"][:b])}
-    times = {name: _time_steps(BehaviourCTR(fmap.features, fmap.tables(), name), batch, repeats) for name in MODELS}
-    base = times["attention"]["median_s"]
+    times = _time_interleaved({name: _step_call(BehaviourCTR(fmap.features, fmap.tables(), name), batch) for name in MODELS},
+                              repeats)
+    base, load1 = times["attention"]["median_s"], _load1()
     for name, t in times.items():
         yield f"behaviour/{name}", {"batch": b, "behaviours": int(np.asarray(batch["hist_item"]).shape[1]),
                                     "step_ms": 1e3 * t["median_s"], "examples_per_s": b / t["median_s"],
                                     "ratio_vs_attention": t["median_s"] / base,
-                                    "compile_s": t["first_s"] - t["median_s"]}
+                                    "compile_s": t["first_s"] - t["median_s"], "rounds": repeats, "load1": load1}
 
 
 def image_cases(smoke: bool, repeats: int):
@@ -81,7 +109,6 @@ def image_cases(smoke: bool, repeats: int):
     import jax.numpy as jnp
     import numpy as np
 
-    from benchmarks import harness
     from jdjax.data import clicklog
     from jdjax.models.cscnn import MODELS, ImageCTR
     from jdjax.nn.ctr.features import FeatureMap
@@ -97,12 +124,12 @@ def image_cases(smoke: bool, repeats: int):
                 "ad_index": jnp.asarray(train["ad_index"][rows]), "image": jnp.asarray(images[train["ad_index"][rows]])}
 
     batch = batch_of(np.arange(b))
-    times = {name: _time_steps(ImageCTR(fmap.features, fmap.tables(), name), batch, repeats) for name in MODELS}
-    base = times["cnn"]["median_s"]
+    times = _time_interleaved({name: _step_call(ImageCTR(fmap.features, fmap.tables(), name), batch) for name in MODELS}, repeats)
+    base, load1 = times["cnn"]["median_s"], _load1()
     for name, t in times.items():
         yield f"image/{name}", {"batch": b, "step_ms": 1e3 * t["median_s"], "examples_per_s": b / t["median_s"],
                                 "ratio_vs_cnn": t["median_s"] / base,
-                                "compile_s": t["first_s"] - t["median_s"]}
+                                "compile_s": t["first_s"] - t["median_s"], "rounds": repeats, "load1": load1}
 
     # Batches grouped by ad: k distinct ads, b / k samples each.
     for k in ([4] if smoke else [8, 32, 128]):
@@ -114,11 +141,12 @@ def image_cases(smoke: bool, repeats: int):
         dedup = ImageCTR(fmap.features, fmap.tables(), "cscnn", max_unique_images=k)
         params = jax.jit(every.init)(jax.random.key(0), grouped)
         fwd_every, fwd_dedup = jax.jit(every.apply), jax.jit(dedup.apply)
-        t_every, t_dedup = (harness.time_call(lambda f=f, p=params, g=grouped: jax.block_until_ready(f(p, g)), repeats=repeats)
-                            for f in (fwd_every, fwd_dedup))
-        yield f"distinct_images/{k}", {"batch": b, "distinct_ads": k, "every_ms": 1e3 * t_every["median_s"],
-                                       "distinct_ms": 1e3 * t_dedup["median_s"],
-                                       "speedup": t_every["median_s"] / t_dedup["median_s"]}
+        t = _time_interleaved({v: lambda f=f, p=params, g=grouped: jax.block_until_ready(f(p, g))
+                               for v, f in (("every", fwd_every), ("distinct", fwd_dedup))}, repeats)
+        yield f"distinct_images/{k}", {"batch": b, "distinct_ads": k, "every_ms": 1e3 * t["every"]["median_s"],
+                                       "distinct_ms": 1e3 * t["distinct"]["median_s"],
+                                       "speedup": t["every"]["median_s"] / t["distinct"]["median_s"],
+                                       "rounds": repeats, "load1": _load1()}
 
 
 def scene_cases(smoke: bool, repeats: int):
@@ -139,14 +167,16 @@ def scene_cases(smoke: bool, repeats: int):
     enc = fmap.encode({k: log[k][rows] for k in ("user", "item", "cat", "scene")})
     batch = {**{k: jnp.asarray(v) for k, v in enc.items()}, "scene_index": jnp.asarray(log["scene"][rows], jnp.int32),
              "label": jnp.asarray(log["label"][rows])}
-    times = {}
+    calls = {}
     for name in MODELS:
         cfg.model.name = name
-        times[name] = _time_steps(ctr.build_model(cfg.model, fmap, num_scenes=4), batch, repeats)
-    base = times["mixed"]["median_s"]
+        calls[name] = _step_call(ctr.build_model(cfg.model, fmap, num_scenes=4), batch)
+    times = _time_interleaved(calls, repeats)
+    base, load1 = times["mixed"]["median_s"], _load1()
     for name, t in times.items():
         yield f"scenes/{name}", {"batch": b, "step_ms": 1e3 * t["median_s"], "examples_per_s": b / t["median_s"],
-                                 "ratio_vs_mixed": t["median_s"] / base, "compile_s": t["first_s"] - t["median_s"]}
+                                 "ratio_vs_mixed": t["median_s"] / base, "compile_s": t["first_s"] - t["median_s"],
+                                 "rounds": repeats, "load1": load1}
 
 
 def main(argv):

@@ -52,7 +52,10 @@ NOTES = {
     "median and p90 per call after compile and warm-up. cscnn_served = CSCNN with per-ad visual vectors precomputed "
     "offline (a row gather at request time). load1 = 1-minute load average (2 shared cores).",
     "kfatt_cost": "KFAtt-base / KFAtt-freq plugged into an attention vs the plain attention (softmax pooling), same model "
-    "otherwise (configs/kfatt.py sizes): medians of interleaved rounds; ratio = KFAtt / plain; target <= 1.15.",
+    "otherwise (configs/kfatt.py sizes): medians of interleaved rounds; ratio = KFAtt / plain; target <= 1.15. "
+    "plain_dispatch_ms = "
+    "a jitted no-op on the plain model's arguments (the fixed per-call cost of argument handling and dispatch, "
+    "included in plain_ms); freq_thunks / plain_thunks = XLA instructions in the compiled entry computation.",
     "embedding": "jdjax.nn.ctr.Embeddings lookup (jnp.take) on a [rows, 16] float32 table; ids uniform or Zipf(1.1) over the "
     "table; lookups_per_s = ids per call / median call time.",
 }
@@ -189,7 +192,7 @@ def kfatt_cost_cases(smoke: bool):
             built[v] = (model, _init(model, _inputs(batch, 2)))
         for mode, b in modes.items():
             x = _inputs(batch, b)
-            fns = {}
+            fns, thunks = {}, {}
             for v, (model, params) in built.items():
                 if mode.startswith("train"):
                     tx = optax.adam(1e-3)
@@ -201,23 +204,39 @@ def kfatt_cost_cases(smoke: bool):
                         updates, s = tx.update(jax.grad(loss)(p), s, p)
                         return optax.apply_updates(p, updates), s
 
-                    state = (params, tx.init(params))
-                    fns[v] = lambda step=step, state=state: jax.block_until_ready(step(*state))
+                    args = (params, tx.init(params))
+                    fns[v] = lambda step=step, args=args: jax.block_until_ready(step(*args))
+                    fn = step
                 else:
-                    f = _forward(model, params)
-                    fns[v] = lambda f=f, x=x: f(x)
+                    fn = jax.jit(lambda p, b_, model=model: model.apply({"params": p}, b_, train=False)[0])
+                    args = (params, x)
+                    fns[v] = lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
+                thunks[v] = _entry_instructions(fn, args)
+                if v == "plain":  # the fixed cost of a call on these arguments, nothing computed
+                    noop = jax.jit(lambda *a: jax.numpy.zeros(()))
+                    fns["dispatch"] = lambda noop=noop, args=args: jax.block_until_ready(noop(*args))
                 for _ in range(3):  # compile and warm up
                     fns[v]()
-            rounds = 10 if smoke else (300 if b == 1 else 40)
+            fns["dispatch"]()
+            rounds = 10 if smoke else (400 if b == 1 else 100)
             times = harness.interleaved(fns, rounds)
             plain = times["plain"]["median_s"]
             yield "kfatt_cost", f"kfatt_cost/{scorer}/{mode}", {
                 "batch": b, "plain_ms": _ms(times["plain"]), "kfatt_base_ms": _ms(times["kfatt_base"]),
                 "kfatt_freq_ms": _ms(times["kfatt_freq"]), "base_ratio": round(times["kfatt_base"]["median_s"] / plain, 3),
                 "freq_ratio": round(times["kfatt_freq"]["median_s"] / plain, 3),
+                "plain_dispatch_ms": _ms(times["dispatch"]),
+                "plain_thunks": thunks["plain"], "base_thunks": thunks["kfatt_base"], "freq_thunks": thunks["kfatt_freq"],
                 "plain_p90_ms": _ms(times["plain"], "p90_s"), "freq_p90_ms": _ms(times["kfatt_freq"], "p90_s"),
                 "rounds": rounds, "load1": _load1(), "notes": NOTES["kfatt_cost"],
             }
+
+
+def _entry_instructions(fn, args) -> int:
+    """Instructions of the compiled entry computation (roughly the thunks XLA:CPU runs per call)."""
+    text = fn.lower(*args).compile().as_text()
+    entry = text[text.index("\nENTRY"):]
+    return sum(" = " in line and "parameter(" not in line and "constant(" not in line for line in entry.splitlines()[1:])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,7 +75,9 @@ def load_splits(data_cfg) -> tuple[tuple, dict, np.ndarray | None]:
         return amazon.features(data_cfg.embedding_dim, data_cfg.maxlen), splits, None
     if data_cfg.name in ("scenes", "scene_files"):
         if data_cfg.name == "scenes":
-            features, splits = clicklog.scene_features(data_cfg.embedding_dim), clicklog.generate_scenes(data_cfg.size, seed=data_cfg.seed)
+            splits = clicklog.generate_scenes(data_cfg.size, seed=data_cfg.seed,
+                                              tail_relatedness=data_cfg.get("tail_relatedness", 0.8))
+            features = clicklog.scene_features(data_cfg.embedding_dim)
         else:
             dense = tuple(c for c in data_cfg.dense_columns.split(",") if c)
             features, splits = clicklog.load_scene_files(data_cfg.data_dir, data_cfg.embedding_dim, data_cfg.label_column,

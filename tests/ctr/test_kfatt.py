@@ -87,6 +87,21 @@ def test_stable_for_extreme_scores():
     assert np.isfinite(out).all() and np.isfinite(out_f).all()
 
 
+def test_freq_gradients_finite_for_extreme_scores_and_padding():
+    """Linear-space weights: no inf behind the mask or far from the top token, so no NaN gradient
+    (padding scores far above the valid ones, extreme scores and random errors, no prior)."""
+    s0, mu, scores, values, mask, keys, lv = _inputs(seed=10)
+    scores = np.where(mask, scores, 1000.0)
+    for scale, prior in ((1.0, s0), (400.0, s0), (400.0, np.full(B, -np.inf))):
+        args = tuple(map(jnp.asarray, (prior, mu, scores * scale, values, lv * scale)))
+
+        def loss(s0, mu, scores, values, lv):
+            return jnp.sum(kfatt.kfatt_freq(s0, mu, scores, values, jnp.asarray(mask), jnp.asarray(keys), lv)[0] ** 2)
+
+        grads = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*args)
+        assert all(np.isfinite(np.asarray(g)).all() for g in grads), scale
+
+
 def test_infinite_prior_variance_is_masked_softmax_attention():
     _, mu, scores, values, mask, _, _ = _inputs(seed=3)
     no_prior = jnp.full((B,), -jnp.inf)
