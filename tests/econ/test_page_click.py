@@ -188,6 +188,7 @@ def strong_competition_logs():
     return {split: page_env.click_log(0, p, 2000, stream) for split, stream in (("train", 0), ("val", 1))}
 
 
+@pytest.mark.slow  # two training runs through the loop (~30 s each on 2 cores)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_context_model_beats_no_context_model_on_competition(tmp_path, strong_competition_logs, seed):
     cfg = _tiny_config(seed)

@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from configs import ad_blending as ad_config
 from jdjax import main as jmain
@@ -19,6 +20,7 @@ def config(**overrides):
     return cfg
 
 
+@pytest.mark.slow  # trains two click models and tunes (~1 min on 2 cores)
 def test_smoke_run_reports_every_mechanism_and_reuses_trained_click_models(tmp_path, capsys):
     cfg = config()
     out = jmain.run(cfg, str(tmp_path))
