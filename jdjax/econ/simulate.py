@@ -8,7 +8,11 @@ is expected regret, sum_t (max_k p_k - p_{a_t}).
 
 * `make_schedule` reproduces the released update schedule exactly, `synthetic_world` and
   `criteo_world` the released data generators, `simulate` runs a policy with `lax.scan` over
-  updates and `vmap` over (scenario, replication) pairs.
+  updates and `vmap` over (scenario, replication) pairs. Assigned rows go to an `ArmLog` in
+  blocks of one arm each, so an update reads the units assigned so far as a prefix of static size
+  (`layout_sizes`: a few sizes, picked per update with `lax.switch`) with per-arm sums over whole
+  blocks; the EM never touches unassigned rows. When the policy is D-TS, its posterior is the
+  stopping rule's and the EM runs once per update.
 * `dts_reference_loop` is a plain per-request NumPy loop of the same D-TS algorithm: the
   reference in tests and the baseline of the speed benchmark.
 * `read_criteo_log` reads Criteo's conversion logs (Chapelle 2014) for the Criteo scenario.
@@ -213,11 +217,22 @@ def read_criteo_log(path: str) -> CriteoLog:
 # ----------------------------------------------------------------------------- simulation
 
 
+def _row_values(table: jax.Array, arms: jax.Array) -> jax.Array:
+    """table [T, K], arms [T] -> [T], table[t, arms[t]] (arm -1 reads column 0)."""
+    if table.shape[1] > 8:
+        return jnp.take_along_axis(table, jnp.maximum(arms, 0)[:, None], 1)[:, 0]
+    out = table[:, 0]
+    for k in range(1, table.shape[1]):
+        out = jnp.where(arms == k, table[:, k], out)
+    return out
+
+
 def observe(world: World, arms: jax.Array, n_assigned) -> df.Observation:
-    """What the experimenter sees after the first n_assigned rows (arms [T], -1 = unassigned)."""
+    """What the experimenter sees after the first n_assigned rows (arms [T], -1 = unassigned), in
+    row order. `simulate` builds the same units grouped by arm (`grouped_observation`)."""
     current_t = world.time[n_assigned - 1]
     assigned = arms >= 0
-    delay = jnp.take_along_axis(world.delay, jnp.maximum(arms, 0)[:, None], 1)[:, 0]  # [T]
+    delay = _row_values(world.delay, arms)  # [T], the delay of each row's arm
     converted = assigned & (world.time + delay < current_t)  # strict <, as released
     return df.Observation(
         arm=arms,
@@ -226,6 +241,104 @@ def observe(world: World, arms: jax.Array, n_assigned) -> df.Observation:
         delay=jnp.where(converted, delay, 0.0),
         current_t=current_t,
     )
+
+
+LAYOUT_BLOCK = 128  # rows per block of the grouped observation
+LAYOUT_BUCKETS = 6  # static observation sizes per run: each one is a compiled copy of the update step
+
+
+class ArmLog(NamedTuple):
+    """Units assigned so far, stored in blocks of `block` slots that each hold one arm's units: an
+    arm fills its latest block, then takes the next free one. Units never move, so observing them
+    at an update reads a prefix of the arrays (vmap adds a leading axis)."""
+
+    time: jax.Array  # [NB * block] arrival time of the unit in each slot; inf in empty slots
+    delay: jax.Array  # [NB * block] its latent conversion delay under its arm (inf: never converts)
+    block_arm: jax.Array  # [NB] int32 arm of each block; -1 while free
+    count: jax.Array  # [K] int32 units of each arm
+    last_block: jax.Array  # [K] int32 block of each arm's latest unit (-1: none yet)
+    num_blocks: jax.Array  # [] int32 blocks taken
+
+
+def empty_log(world: World, block: int = LAYOUT_BLOCK) -> ArmLog:
+    horizon, num_arms = world.delay.shape
+    num_blocks = -(-horizon // block) + num_arms  # enough for any assignment of the T rows
+    inf = jnp.full(num_blocks * block, jnp.inf, world.delay.dtype)
+    return ArmLog(inf, inf, jnp.full(num_blocks, -1, jnp.int32), jnp.zeros(num_arms, jnp.int32),
+                  jnp.full(num_arms, -1, jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def log_append(log: ArmLog, world: World, rows: jax.Array, arms: jax.Array, valid: jax.Array) -> ArmLog:
+    """Appends rows [B] with arms [B] (where valid [B]) to the log, in order."""
+    num_arms = log.count.shape[0]
+    block = log.time.shape[0] // log.block_arm.shape[0]
+    onehot = ((arms[:, None] == jnp.arange(num_arms)) & valid[:, None]).astype(jnp.int32)  # [B, K]
+    arm = jnp.clip(arms, 0, num_arms - 1)
+    rank = jnp.take_along_axis(jnp.cumsum(onehot, axis=0), arm[:, None], 1)[:, 0] - 1  # within the batch
+    new = onehot.sum(0)  # [K]
+    fill = log.count % block
+    room = jnp.where(fill > 0, block - fill, 0)  # free slots in each arm's latest block
+    new_blocks = (jnp.maximum(new - room, 0) + block - 1) // block
+    first_new = log.num_blocks + jnp.cumsum(new_blocks) - new_blocks  # [K]
+
+    def place(r, k):  # rank r of arm k's new units -> (block, slot)
+        room_k, past = df._per_unit(room, k), r - df._per_unit(room, k)
+        in_latest = r < room_k
+        return (jnp.where(in_latest, df._per_unit(log.last_block, k), df._per_unit(first_new, k) + past // block),
+                jnp.where(in_latest, df._per_unit(fill, k) + r, past % block))
+
+    blocks, slots = place(rank, arm)
+    flat = jnp.where(valid, blocks * block + slots, log.time.shape[0])  # out of range: dropped
+    rows = jnp.clip(rows, 0, world.time.shape[0] - 1)
+    time = log.time.at[flat].set(world.time[rows], mode="drop")
+    delay = log.delay.at[flat].set(_row_values(world.delay[rows], arm), mode="drop")
+    b = jnp.arange(log.block_arm.shape[0])
+    block_arm = log.block_arm
+    for k in range(num_arms):
+        block_arm = jnp.where((b >= first_new[k]) & (b < first_new[k] + new_blocks[k]), k, block_arm)
+    last, _ = place(new - 1, jnp.arange(num_arms))
+    return ArmLog(time, delay, block_arm, log.count + new, jnp.where(new > 0, last, log.last_block),
+                  log.num_blocks + new_blocks.sum())
+
+
+def grouped_observation(log: ArmLog, current_t, size: int) -> df.Observation:
+    """What the experimenter sees at current_t of the logged units: `observe`'s units, in the log's
+    blocks of one arm each (see df.Observation.block_arm). size (static, a multiple of the block)
+    must cover the blocks taken, e.g. size >= units + K * (block - 1)."""
+    block = log.time.shape[0] // log.block_arm.shape[0]
+    time, delay, block_arm = log.time[:size], log.delay[:size], log.block_arm[: size // block]
+    valid = time < jnp.inf
+    converted = valid & (time + delay < current_t)  # strict <, as released
+    return df.Observation(
+        arm=jnp.where(valid, jnp.repeat(block_arm, block, total_repeat_length=size), -1),
+        elapsed=jnp.where(valid, current_t - time, 0.0),
+        converted=converted,
+        delay=jnp.where(converted, delay, 0.0),
+        current_t=current_t,
+        block_arm=block_arm,
+    )
+
+
+def layout_sizes(schedule: Schedule, num_arms: int, block: int = LAYOUT_BLOCK, buckets: int = LAYOUT_BUCKETS):
+    """Static observation sizes for the updates: at most `buckets` distinct sizes (each one a
+    compiled copy of the estimation step), chosen to minimise their total (dynamic programming over
+    the update order; an update needs its units plus K * (block - 1) rows of block padding).
+    Returns (sizes, bucket of each update)."""
+    need = [-(-(s + num_arms * (block - 1)) // block) * block for s in schedule.starts]  # non-decreasing
+    n = len(need)
+    if n == 0:
+        return (block,), ()
+    best = {(0, 0): (0, ())}  # (updates covered, buckets used) -> (total rows, bucket ends)
+    for i in range(1, n + 1):
+        for g in range(1, min(buckets, i) + 1):
+            best[(i, g)] = min(
+                (best[(j, g - 1)][0] + need[i - 1] * (i - j), best[(j, g - 1)][1] + (i,))
+                for j in range(g - 1, i)
+                if (j, g - 1) in best
+            )
+    ends = min(best[(n, g)] for g in range(1, min(buckets, n) + 1))[1]
+    sizes = tuple(need[e - 1] for e in ends)
+    return sizes, tuple(sum(u >= e for e in ends) for u in range(n))
 
 
 def simulate_replication(
@@ -237,41 +350,78 @@ def simulate_replication(
     decision_init: df.ArmState,
     em_cycles: int = df.EM_CYCLES,
     decision_draws: int = 1000,
+    shared_decision: bool = False,
+    buckets: int = LAYOUT_BUCKETS,
 ) -> Trace:
     """Runs `policy` on one world. The stopping rule's posterior (D-TS's: EM, Beta(1+C, ...)) is
-    tracked alongside, whatever the policy, so every policy is judged by the same rule."""
+    tracked alongside, whatever the policy, so every policy is judged by the same rule.
+
+    At an update the policy sees every row assigned so far (`grouped_observation` of the arm log,
+    in a static size from `layout_sizes`). shared_decision (static): the policy's state *is*
+    that posterior (D-TS with em_cycles rounds started from decision_init), so the second EM is
+    skipped."""
     horizon, num_arms = world.delay.shape
     max_batch = max(schedule.sizes, default=1)
+    num_updates = len(schedule.starts)
     k_init, k_assign, k_decide = jax.random.split(key, 3)
-    arms = jnp.full(horizon, -1, jnp.int32)
-    arms = arms.at[: schedule.n_init].set(jax.random.randint(k_init, (schedule.n_init,), 0, num_arms, jnp.int32))
+    first = jax.random.randint(k_init, (schedule.n_init,), 0, num_arms, jnp.int32)
+    arms = jnp.full(horizon, -1, jnp.int32).at[: schedule.n_init].set(first)
+    log = log_append(empty_log(world, LAYOUT_BLOCK), world, jnp.arange(schedule.n_init), first, jnp.ones(schedule.n_init, bool))
+    sizes, bucket = layout_sizes(schedule, num_arms, LAYOUT_BLOCK, buckets)
+
+    def estimate(size, log, state, decision, current_t):
+        obs = grouped_observation(log, current_t, size)
+        state = policy.update(state, obs)
+        return state, state if shared_decision else df.em_fit(obs, decision, em_cycles)
+
+    branches = [functools.partial(estimate, size) for size in sizes]
 
     def step(carry, xs):
-        arms, state, decision = carry
-        start, size, u = xs
-        obs = observe(world, arms, start)
-        state = policy.update(state, obs)
-        decision = df.em_fit(obs, decision, em_cycles)
+        arms, log, state, decision = carry
+        start, batch, which, k_a, k_d = xs
+        state, decision = jax.lax.switch(which, branches, log, state, decision, world.time[start - 1])
         prob_best, value_remaining = df.decision_stats(
-            jax.random.fold_in(k_decide, u), *df.ts_params(decision.conversions, decision.exposure), decision_draws
+            k_d, *df.ts_params(decision.conversions, decision.exposure), decision_draws
         )
-        new = policy.assign(state, jax.random.fold_in(k_assign, u), max_batch)  # [max_batch]
+        new = policy.assign(state, k_a, max_batch)  # [max_batch]
         offset = jnp.arange(max_batch)
-        rows = jnp.where(offset < size, start + offset, horizon)  # out of range -> dropped
-        arms = arms.at[rows].set(new, mode="drop")
-        return (arms, state, decision), (state, prob_best, value_remaining)
+        valid = offset < batch
+        rows = start + offset
+        arms = arms.at[jnp.where(valid, rows, horizon)].set(new, mode="drop")  # out of range -> dropped
+        log = log_append(log, world, rows, new, valid)
+        return (arms, log, state, decision), (state, prob_best, value_remaining)
 
-    xs = (jnp.asarray(schedule.starts, jnp.int32), jnp.asarray(schedule.sizes, jnp.int32), jnp.arange(len(schedule.starts)))
-    (arms, _, _), (states, prob_best, value_remaining) = jax.lax.scan(step, (arms, policy_init, decision_init), xs)
+    updates = jnp.arange(num_updates)
+    xs = (jnp.asarray(schedule.starts, jnp.int32), jnp.asarray(schedule.sizes, jnp.int32), jnp.asarray(bucket, jnp.int32),
+          jax.vmap(lambda u: jax.random.fold_in(k_assign, u))(updates), jax.vmap(lambda u: jax.random.fold_in(k_decide, u))(updates))
+    (arms, _, _, _), (states, prob_best, value_remaining) = jax.lax.scan(step, (arms, log, policy_init, decision_init), xs)
     gap = world.cvr.max() - world.cvr
     return Trace(arms, jnp.cumsum(gap[arms]), states, prob_best, value_remaining)
 
 
-@functools.partial(jax.jit, static_argnames=("policy", "schedule", "em_cycles", "decision_draws"))
-def simulate(policy, schedule, worlds, keys, policy_init, decision_init, em_cycles=df.EM_CYCLES, decision_draws=1000):
-    """`simulate_replication` vmapped over the leading axis of worlds, keys, policy_init, decision_init."""
-    run = lambda w, k, p, d: simulate_replication(policy, schedule, w, k, p, d, em_cycles, decision_draws)
+@functools.partial(jax.jit, static_argnames=("policy", "schedule", "em_cycles", "decision_draws", "shared", "buckets"))
+def _simulate(policy, schedule, worlds, keys, policy_init, decision_init, em_cycles, decision_draws, shared, buckets):
+    run = lambda w, k, p, d: simulate_replication(policy, schedule, w, k, p, d, em_cycles, decision_draws, shared, buckets)
     return jax.vmap(run)(worlds, keys, policy_init, decision_init)
+
+
+def _same_values(x, y) -> bool:
+    """Whether two pytrees of arrays are equal, when their values are known (False for tracers)."""
+    try:
+        return all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, ValueError):
+        return False
+
+
+def simulate(policy, schedule, worlds, keys, policy_init, decision_init, em_cycles=df.EM_CYCLES, decision_draws=1000,
+             buckets=LAYOUT_BUCKETS) -> Trace:
+    """`simulate_replication` vmapped over the leading axis of worlds, keys, policy_init, decision_init
+    (jitted; policy, schedule, em_cycles, decision_draws and buckets are static).
+
+    When the policy is D-TS with em_cycles rounds and policy_init equals decision_init, its state is
+    the stopping rule's posterior at every update, so that EM runs once (checked here on the values)."""
+    shared = policy.em_cycles == em_cycles and _same_values(policy_init, decision_init)
+    return _simulate(policy, schedule, worlds, keys, policy_init, decision_init, em_cycles, decision_draws, shared, buckets)
 
 
 # ----------------------------------------------------------------------------- NumPy reference

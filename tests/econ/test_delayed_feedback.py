@@ -108,6 +108,43 @@ def test_em_fixed_points_solve_the_score_equations():
     np.testing.assert_allclose(cvr, fit.cvr, rtol=0.02)  # both estimators agree on a large sample
 
 
+def em_reference(obs, state, cycles):
+    """em_fit's numbers from the one-round formulation `em_step`, applied `cycles` times."""
+    rate, cvr = state.delay_rate, state.cvr
+    for _ in range(cycles):
+        rate, cvr, conversions, exposure = df.em_step(obs, rate, cvr)
+    return rate, cvr, conversions, exposure
+
+
+@pytest.mark.parametrize("block", [1, 7, 128])
+def test_em_fit_equals_repeated_em_step_also_grouped_by_arm(block):
+    """em_fit (counts once, one expm1 per unit and round) is em_step run `cycles` times, on the
+    units in row order and regrouped into arm blocks (including blocks smaller than an arm)."""
+    obs = static_obs(jax.random.key(4), (0.4, 0.05, 0.2), (1 / 750, 1 / 500, 1 / 300), 700, 10_000)
+    obs = obs._replace(arm=obs.arm.at[::97].set(-1))  # some padding units in the middle
+    obs = obs._replace(elapsed=jnp.where(obs.arm < 0, 0.0, obs.elapsed), converted=obs.converted & (obs.arm >= 0))
+    obs = obs._replace(delay=jnp.where(obs.converted, obs.delay, 0.0))
+    perm = jax.random.permutation(jax.random.key(5), obs.arm.shape[0])
+    obs = jax.tree.map(lambda x: x[perm] if x.ndim else x, obs)  # arms interleaved
+    state = df.init_state(3)
+    rate, cvr, conversions, exposure = em_reference(obs, state, 10)
+    grouped = df.group_by_arm(obs, 3, block)
+    assert grouped.arm.shape[0] % block == 0 and grouped.block_arm.shape[0] == grouped.arm.shape[0] // block
+    blocks = np.asarray(grouped.arm).reshape(-1, block)
+    for b, a in zip(blocks, np.asarray(grouped.block_arm)):  # every block holds one arm's units
+        assert set(b[b >= 0]) <= {a} and (a >= 0 or np.all(b < 0))
+    for o in (obs, grouped):
+        fit = jax.jit(df.em_fit, static_argnames="cycles")(o, state, cycles=10)
+        np.testing.assert_allclose(fit.delay_rate, rate, rtol=1e-12)
+        np.testing.assert_allclose(fit.cvr, cvr, rtol=1e-12)
+        np.testing.assert_allclose(fit.exposure, exposure, rtol=1e-12)
+        np.testing.assert_array_equal(fit.conversions, conversions)
+        np.testing.assert_array_equal(fit.clicks, np.bincount(np.asarray(obs.arm)[np.asarray(obs.arm) >= 0], minlength=3))
+        np.testing.assert_array_equal(df.arm_counts(o, 3), (conversions, fit.clicks))
+        rates = jnp.asarray((1e-3, 2e-3, 3e-3))
+        np.testing.assert_allclose(df.effective_exposure(o, rates), df.effective_exposure(obs, rates), rtol=1e-12)
+
+
 @pytest.mark.parametrize("converted", [[0, 0, 0, 0, 0], [1, 0, 0, 0, 0]])
 def test_no_nan_without_conversions(converted):
     obs = hand_obs([0, 0, 1, 2, -1], [50, 10, 30, 0, 0], converted, [5, 0, 0, 0, 0])
@@ -145,6 +182,61 @@ def test_assignment_probabilities_sum_to_one():
         np.testing.assert_allclose(df.full_bayes_probs(jnp.asarray(q), clicks).sum(), 1.0, rtol=1e-12)
     unexposed = df.ducb_probs(jnp.array([3.0, 0.0, 0.0]), jnp.array([10.0, 5.0, 5.0]), jnp.array([8.0, 0.0, 0.0]), 100.0)
     np.testing.assert_allclose(unexposed, [0.0, 0.5, 0.5])  # infinite index
+
+
+def test_sincos_is_accurate():
+    u = np.concatenate([np.random.default_rng(0).uniform(size=100_000), np.arange(64) / 64, [1 - 2.0**-53, 2.0**-60]])
+    sin, cos = jax.jit(df._sincos_2pi)(jnp.asarray(u))
+    np.testing.assert_allclose(sin, np.sin(2 * np.pi * u), rtol=0, atol=2e-15)
+    np.testing.assert_allclose(cos, np.cos(2 * np.pi * u), rtol=0, atol=2e-15)
+
+
+@pytest.mark.parametrize("a,b", [(1.0, 1.0), (0.3, 0.7), (2.5, 1.0), (40.0, 900.0), (4000.0, 5000.0), (0.05, 3.0)])
+def test_beta_sampler_draws_the_beta_distribution(a, b):
+    """Kolmogorov-Smirnov against the exact Beta CDF (alpha < 1 takes the U^(1/alpha) path; alpha = 1
+    rejects ~5% of first proposals, so the redraw rounds run); the logit used by ts_assign agrees."""
+    from scipy import stats
+
+    key = jax.random.key(int(100 * a + b))
+    x = np.asarray(jax.jit(lambda k: df.beta_sample(k, jnp.full(4, a), jnp.full(4, b), (20_000, 4)))(key)).ravel()
+    assert np.all((x >= 0) & (x <= 1))
+    assert stats.kstest(x, stats.beta(a, b).cdf).pvalue > 1e-3
+    logit = np.asarray(df._beta_logit(key, jnp.full(4, a), jnp.full(4, b), (20_000, 4), jnp.float64)).ravel()
+    np.testing.assert_allclose(1 / (1 + np.exp(-logit)), x, rtol=1e-12, atol=1e-300)
+
+
+def test_gamma_sampler_redraws_every_rejection():
+    """Shapes near 1 make many first proposals fail: the result is still exact Gamma(alpha) (KS) and
+    every element is filled, also when rejected elements overflow one round's redraw blocks."""
+    from scipy import stats
+
+    for alpha in (1.0, 0.5, 1.7):
+        g = np.exp(np.asarray(df.log_gamma_sample(jax.random.key(3), jnp.asarray(alpha), (200, 333))))
+        assert np.all(np.isfinite(g) & (g >= 0))
+        assert stats.kstest(g.ravel(), stats.gamma(alpha).cdf).pvalue > 1e-3
+
+
+def test_ts_assign_shares_follow_prob_best():
+    """Assignment shares = P(arm is best) = exact integral of f_k prod_j F_j (numerical quadrature)."""
+    from scipy import integrate, stats
+
+    a, b = np.array([30.0, 24.0, 5.0]), np.array([50.0, 45.0, 20.0])
+    arms = np.asarray(df.ts_assign(jax.random.key(0), jnp.asarray(a), jnp.asarray(b), 200_000))
+    dists = [stats.beta(x, y) for x, y in zip(a, b)]
+    for k in range(3):
+        p = integrate.quad(lambda t: dists[k].pdf(t) * np.prod([d.cdf(t) for j, d in enumerate(dists) if j != k]), 0, 1)[0]
+        share = np.mean(arms == k)
+        assert abs(share - p) < 4 * np.sqrt(p * (1 - p) / arms.size) + 1e-12, (k, share, p)
+
+
+def test_quantile_without_sort_is_jnp_quantile():
+    """decision_stats' value remaining (finite values): order statistics by bisection on the float bits."""
+    rng = np.random.default_rng(0)
+    for m in (1, 2, 7, 1000):
+        for x in (rng.normal(size=m), np.where(rng.uniform(size=m) < 0.8, 0.0, rng.uniform(size=m)),
+                  np.round(rng.normal(size=m)), np.concatenate([[-0.0, 0.0], rng.normal(size=m)])[:m]):
+            for q in (0.0, 0.05, 0.5, 0.95, 1.0):
+                np.testing.assert_allclose(df._quantile(jnp.asarray(x), q), np.quantile(x, q), rtol=1e-15, atol=1e-300)
 
 
 def test_grid_quantiles_follow_the_posterior():
@@ -230,6 +322,65 @@ def test_jax_simulator_matches_numpy_loop_statistically(dts_runs):
         diff = jax_stat - ref_stat
         z = diff.mean() / (diff.std(ddof=1) / np.sqrt(diff.size))
         assert abs(z) < 4, (jax_stat.mean(), ref_stat.mean(), z)
+
+
+def test_grouped_observation_is_observe_regrouped():
+    """The simulator's arm log, read at an update, holds exactly observe()'s units, arm by arm."""
+    sc = sim.SCENARIOS["low_cvr"]
+    world = sim.synthetic_world(jax.random.key(2), jnp.asarray(sc.cvr), jnp.asarray(sc.delay_rate), 1.0, 3000)
+    arms = np.asarray(jax.random.categorical(jax.random.key(3), jnp.log(jnp.array([0.7, 0.25, 0.05])), shape=(3000,)), np.int32)
+    log = sim.empty_log(world, 64)
+    for lo, hi in [(0, 600), (600, 1100), (1100, 1110), (1110, 1800)]:  # batches of uneven sizes
+        rows = jnp.arange(lo, lo + 700)
+        log = sim.log_append(log, world, rows, jnp.asarray(arms)[jnp.minimum(rows, 2999)], rows < hi)
+        size = -(-(hi + 3 * 63) // 64) * 64
+        grouped = sim.grouped_observation(log, world.time[hi - 1], size)
+        plain = sim.observe(world, jnp.where(jnp.arange(3000) < hi, jnp.asarray(arms), -1), hi)
+        for k in range(3):
+            units = lambda o: sorted(zip(*(np.asarray(x)[np.asarray(o.arm) == k].tolist() for x in (o.elapsed, o.converted, o.delay))))
+            assert units(grouped) == units(plain)
+        blocks = np.asarray(grouped.arm).reshape(-1, 64)
+        for b, a in zip(blocks, np.asarray(grouped.block_arm)):
+            assert set(b[b >= 0]) <= {a}
+        pad = np.asarray(grouped.arm) < 0
+        assert np.all(np.asarray(grouped.elapsed)[pad] == 0) and not np.any(np.asarray(grouped.converted)[pad])
+
+
+def test_layout_sizes_cover_every_update():
+    schedule = sim.make_schedule(10_000)
+    for buckets in (1, 4, 10, 19, 50):
+        sizes, which = sim.layout_sizes(schedule, 3, 128, buckets)
+        assert len(sizes) <= buckets and len(which) == len(schedule.starts) and list(which) == sorted(which)
+        for start, b in zip(schedule.starts, which):
+            assert sizes[b] % 128 == 0 and sizes[b] >= start + 3 * 127
+    assert sim.layout_sizes(sim.make_schedule(400), 3) == ((sim.LAYOUT_BLOCK,), ())
+
+
+def test_simulator_layout_and_shared_posterior_do_not_change_results(dts_runs):
+    """One static size for every update instead of several, and the stopping rule's EM run apart
+    instead of shared with D-TS: same assignments, same estimates (up to summation order)."""
+    worlds, schedule, trace = dts_runs
+    reps = 4
+    worlds = jax.tree.map(lambda x: x[:reps], worlds)
+    keys = jax.random.split(jax.random.key(1), 32)[:reps]
+    init = jax.vmap(lambda _: df.init_state(3))(jnp.arange(reps))
+    policy = df.make_policy("dts")
+    apart = jax.jit(jax.vmap(lambda w, k, p, d: sim.simulate_replication(policy, schedule, w, k, p, d, buckets=1)))(
+        worlds, keys, init, init)
+    np.testing.assert_array_equal(apart.arms, trace.arms[:reps])
+    np.testing.assert_allclose(apart.prob_best, trace.prob_best[:reps], rtol=1e-12)
+    for field in ("delay_rate", "cvr", "conversions", "exposure"):
+        np.testing.assert_allclose(getattr(apart.states, field), getattr(trace.states, field)[:reps], rtol=1e-12)
+
+
+def test_simulator_without_updates():
+    sc = sim.SCENARIOS["high_cvr"]
+    worlds = sim.synthetic_worlds(jax.random.split(jax.random.key(0), 2), jnp.asarray(sc.cvr), jnp.asarray(sc.delay_rate), 1.0, 400)
+    init = jax.vmap(lambda _: df.init_state(3))(jnp.arange(2))
+    trace = sim.simulate(df.make_policy("dts"), sim.make_schedule(400), worlds, jax.random.split(jax.random.key(1), 2), init, init)
+    chex.assert_shape([trace.arms, trace.regret], (2, 400))
+    chex.assert_shape(trace.prob_best, (2, 0, 3))
+    assert np.all(np.asarray(trace.arms) >= 0)
 
 
 def write_criteo(path, rows):
