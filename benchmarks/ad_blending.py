@@ -50,27 +50,18 @@ def _load1() -> float:
 
 
 def _click_models(p):
-    """{name: ctr_fn}: the ground truth, plus the learned page click model if it exists."""
+    """{name: ctr_fn}: the ground truth and the learned page click models (configs/ad_blending.py sizes)."""
     import jax
 
+    from configs import ad_blending as ad_config
     from jdjax.econ import allocation as al
     from jdjax.econ import page_env
+    from jdjax.models import page_click
+    from jdjax.tasks import page_click as task
 
     models = {"true_ctr": al.true_ctr_fn(p)}
-    try:
-        from jdjax.models import page_click
-    except ImportError:
-        print("jdjax.models.page_click not found: only the ground-truth click model is timed", flush=True)
-        return models
-    try:
-        from jdjax.tasks import page_click as task
-
-        config = task.click_config()
-        builds = {ctx: task.build_model(config, context=ctx) for ctx in (True, False)}
-    except Exception as e:  # the task module is optional for this benchmark
-        print(f"page_click task config unavailable ({e!r}); using the model's default sizes", flush=True)
-        builds = {ctx: page_click.PageClickModel(context=ctx, num_slots=p.num_slots, num_categories=p.num_categories)
-                  for ctx in (True, False)}
+    config = ad_config.get_config()
+    builds = {ctx: task.build_model(config, context=ctx) for ctx in (True, False)}
     centres = page_env.category_centres(0, p)
     page = jax.tree.map(lambda x: x[0], page_env.sample_pages(jax.random.key(0), centres, p, 1))
     lays = al.candidate_layouts(page, jax.numpy.full((1, len(p.ad_slots)), -1), p)

@@ -3,7 +3,7 @@ of the synthetic page environment (jdjax.econ.page_env), with or without the dis
 
     from jdjax.tasks import page_click
     from jdjax.train.loop import train_and_evaluate
-    config = page_click.click_config()                      # a full loop config (the `click` section)
+    config = page_click.click_config(common.base_config())  # a full loop config (configs/common.py)
     results = train_and_evaluate(config, workdir, page_click.click_model_task(config, context=True))
 
 Data: `page_env.click_log(data.seed, env, n, stream)` with one stream per split (train 0, val 1,
@@ -38,18 +38,12 @@ SPLITS = {"train": 0, "val": 1, "test": 2}  # split -> click_log stream
 LOG_KEYS = ("user", "x", "cat", "is_ad", "label", "ctr")
 
 
-def click_config(
-    base: ml_collections.ConfigDict | None = None, variant: str = "competition"
-) -> ml_collections.ConfigDict:
-    """The click model's loop config: `base` (the shared sections of configs/common.base_config();
-    None imports them) with the environment, log sizes, model widths and loop settings.
+def click_config(base: ml_collections.ConfigDict, variant: str = "competition") -> ml_collections.ConfigDict:
+    """The click model's loop config: `base` (the shared sections, configs/common.base_config())
+    with the environment, log sizes, model widths and loop settings.
 
     Defaults train in about a minute on 2 CPU cores and show the context model's gain on the
     competition variant (see click_model_task)."""
-    if base is None:
-        from configs import common  # the repository's shared config sections
-
-        base = common.base_config()
     c = base
     c.task = "page_click"
     c.env = page_env.env_config(variant)
