@@ -116,17 +116,19 @@ def business_objective(evaluate: Callable[..., dict], floor: float, penalty: flo
     return objective
 
 
-def replay_evaluator(pages, p, ctr_fn=None, generator=None, reserve: float = 0.0, key=None) -> Callable[..., dict]:
+def replay_evaluator(pages, p, ctr_fn=None, generator=None, reserve: float = 0.0, key=None,
+                    chunk: int | None = None) -> Callable[..., dict]:
     """Offline replay: evaluate(vb_org, vb_ad=0.0) runs the VCG auction (`allocation.run_auctions`)
     on the fixed pages with those virtual bids and returns `allocation.summarize` (mean revenue,
     ad clicks, organic clicks under the ground truth, clip rates). VBs are traced, so one
-    compilation serves every evaluation. For SPSA over (vb_ad, vb_org): `lambda v: J(v[1], v[0])`."""
+    compilation serves every evaluation; chunk as in `allocation.run_auctions`. For SPSA over (vb_ad, vb_org): `lambda v: J(v[1], v[0])`."""
     from jdjax.econ import allocation as al
 
     generator = al.Exhaustive() if generator is None else generator
 
     def evaluate(vb_org: float, vb_ad: float = 0.0) -> dict:
-        _, summary = al.run_auctions(pages, p, ctr_fn, generator, "vcg", float(vb_ad), float(vb_org), reserve, key)
+        _, summary = al.run_auctions(pages, p, ctr_fn, generator, "vcg", float(vb_ad), float(vb_org), reserve, key,
+                                       chunk)
         return summary
 
     return evaluate

@@ -89,23 +89,6 @@ def no_ads_organic_clicks(pages: page_env.Page, p: page_env.EnvParams) -> float:
     return float(jnp.mean(out.organic_clicks))
 
 
-class Evaluator:
-    """evaluate(mechanism, ctr_fn, vb_ad, vb_org) -> summary dict on one set of pages (cached)."""
-
-    def __init__(self, pages, p, generator, reserve: float, chunk: int, seed: int):
-        self.pages, self.p, self.generator, self.reserve, self.chunk = pages, p, generator, reserve, chunk
-        self.key = jax.random.key(seed)
-        self.cache = {}
-
-    def __call__(self, mechanism: str, model: str, ctr_fn, vb_ad: float = 0.0, vb_org: float = 0.0) -> dict:
-        k = (mechanism, model, round(float(vb_ad), 9), round(float(vb_org), 9))
-        if k not in self.cache:
-            _, summary = al.run_auctions(self.pages, self.p, ctr_fn, self.generator, mechanism, vb_ad, vb_org,
-                                         self.reserve, self.key, self.chunk)
-            self.cache[k] = summary
-        return self.cache[k]
-
-
 def plot_frontier(frontiers: dict, points: dict, floor: float, path: str) -> None:
     """Revenue against organic clicks per request: one VB_org sweep per click model, the tuned
     operating points and the baselines as markers, the organic-click floor as a line."""
@@ -169,7 +152,9 @@ def run(config, workdir: str) -> dict:
     ctr_fns["oracle"] = al.true_ctr_fn(p)
     pages = sample_auction_pages(config, p)
     generator = make_generator(a.generator)
-    ev = {split: Evaluator(pages[split], p, generator, a.reserve, a.chunk, config.seed) for split in pages}
+    key = jax.random.key(config.seed)
+    replay = {(split, name): vb_tuning.replay_evaluator(pages[split], p, fn, generator, a.reserve, key, a.chunk)
+              for split in pages for name, fn in ctr_fns.items()}  # (split, model) -> evaluate(vb_org, vb_ad)
     floors = {split: a.organic_floor * no_ads_organic_clicks(pages[split], p) for split in pages}
     objective = lambda r, split: float(vb_tuning.penalized_objective(r["revenue"], r["organic_clicks"],  # noqa: E731
                                                                      floors[split], a.penalty))
@@ -177,19 +162,19 @@ def run(config, workdir: str) -> dict:
     grid = [float(v) for v in a.vb_org_grid]
     frontiers = {}
     with tqdm(total=len(grid) * len(ctr_fns), desc="frontier (eval pages)", disable=not main) as bar:
-        for name, fn in ctr_fns.items():
+        for name in ctr_fns:
             rows = []
             for v in grid:
-                rows.append(ev["eval"]("vcg", name, fn, a.vb_ad, v))
+                rows.append(replay["eval", name](v, a.vb_ad))
                 bar.update()
             frontiers[name] = {"vb_org": grid, **{k: [r[k] for r in rows] for k in METRICS}}
 
     tuned = {}
     with tqdm(total=len(ctr_fns) * a.golden_evals + 2 * a.spsa_iters + 1, desc="tuning (tune pages)", disable=not main) as bar:
-        for name, fn in ctr_fns.items():
-            def j_org(v, fn=fn, name=name):
+        for name in ctr_fns:
+            def j_org(v, name=name):
                 bar.update()
-                return objective(ev["tune"]("vcg", name, fn, a.vb_ad, v), "tune")
+                return objective(replay["tune", name](v, a.vb_ad), "tune")
 
             g = vb_tuning.golden_section(j_org, a.vb_org_lo, a.vb_org_hi, a.golden_evals)
             tuned[name] = {"vb_ad": float(a.vb_ad), "vb_org": g.x, "tune_objective": g.value,
@@ -197,7 +182,7 @@ def run(config, workdir: str) -> dict:
 
         def j_both(v):
             bar.update()
-            return objective(ev["tune"]("vcg", "context", ctr_fns["context"], v[0], v[1]), "tune")
+            return objective(replay["tune", "context"](v[1], v[0]), "tune")
 
         s = vb_tuning.spsa(j_both, (a.vb_ad, tuned["context"]["vb_org"]), lower=(a.vb_ad_lo, a.vb_org_lo),
                            upper=(a.vb_ad_hi, a.vb_org_hi), num_iters=a.spsa_iters, a=a.spsa_a, c=a.spsa_c,
@@ -206,7 +191,11 @@ def run(config, workdir: str) -> dict:
                          "tune_objective": j_both(s.x), "trajectory": s.trajectory.tolist()}
 
     def report_row(label, mechanism, model, vb_ad, vb_org):
-        r = ev["eval"](mechanism, model, ctr_fns[model], vb_ad, vb_org)
+        if mechanism == "vcg":
+            r = replay["eval", model](vb_org, vb_ad)
+        else:  # the baselines take no virtual bids
+            _, r = al.run_auctions(pages["eval"], p, ctr_fns[model], generator, mechanism, reserve=a.reserve,
+                                   key=key, chunk=a.chunk)
         return {"mechanism": label, "vb_ad": vb_ad, "vb_org": vb_org, **{k: r[k] for k in METRICS},
                 "objective": objective(r, "eval")}
 
