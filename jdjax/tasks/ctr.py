@@ -283,6 +283,7 @@ def compare(config, workdir: str, models: list[str] | None = None, seeds: list[i
     Returns {'rows': [{'model', 'runs', '<metric>_mean', '<metric>_std', 'relaimpr'}], 'base': model}.
     """
     from jdjax import main as jmain
+    from jdjax.train.loop import completed_results
 
     models = models or [m for m in config.compare.models.split(",") if m]
     seeds = seeds or [int(s) for s in config.compare.seeds.split(",") if s]
@@ -294,14 +295,16 @@ def compare(config, workdir: str, models: list[str] | None = None, seeds: list[i
     for model in models:
         for seed in seeds:
             run_dir = os.path.join(workdir, model, f"seed{seed}")
-            done = os.path.join(run_dir, "results.json")
-            if not os.path.exists(done):
+            results = completed_results(run_dir)
+            if results is None:
                 cfg = copy.deepcopy(config)
                 with cfg.unlocked():
                     cfg.model.name, cfg.seed = model, seed
                 jmain.run(cfg, run_dir)
-            with open(done) as f:
-                runs.setdefault(model, []).append(json.load(f))
+                results = completed_results(run_dir)
+                if results is None:
+                    raise SystemExit(f"{run_dir} did not complete; rerun the same command to resume.")
+            runs.setdefault(model, []).append(results)
     first = next(iter(runs.values()))[0]
     slices = [k for k in first if k.startswith("test/") and k.endswith("/auc") and k.count("/") == 2]
     table = comparison_table(runs, ["test/auc", "test/gauc", "test/logloss", *slices])

@@ -108,7 +108,7 @@ def test_compare_aggregates_finished_runs(tmp_path):
             run = tmp_path / model / f"seed{seed}"
             run.mkdir(parents=True)
             slices = {"test/new/auc": 0.6} if model == "sum" else {}
-            (run / "results.json").write_text(json.dumps({"test/auc": auc, "test/gauc": auc - 0.1, "test/logloss": 0.5, **slices}))
+            (run / "results.json").write_text(json.dumps({"status": "completed", "test/auc": auc, "test/gauc": auc - 0.1, "test/logloss": 0.5, **slices}))
     table = ctr.compare(smoke(), str(tmp_path), models=["sum", "kfatt_base"], seeds=[0, 1])
     base, ours = table["rows"]
     assert base["model"] == "sum" and base["relaimpr"] == 0.0
