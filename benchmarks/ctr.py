@@ -87,7 +87,7 @@ def behaviour_cases(smoke: bool, repeats: int):
 
     from jdjax.data import clicklog
     from jdjax.models.din import MODELS, BehaviourCTR
-    from jdjax.nn.ctr.features import FeatureMap
+    from jdjax.data.features import FeatureMap
 
     log = clicklog.generate("tiny" if smoke else "small", seed=0)["train"]
     b = 32 if smoke else 256
@@ -111,7 +111,7 @@ def image_cases(smoke: bool, repeats: int):
 
     from jdjax.data import clicklog
     from jdjax.models.cscnn import MODELS, ImageCTR
-    from jdjax.nn.ctr.features import FeatureMap
+    from jdjax.data.features import FeatureMap
 
     splits, images = clicklog.generate_ads("tiny" if smoke else "small", seed=0)
     train = splits["train"]
@@ -156,7 +156,7 @@ def scene_cases(smoke: bool, repeats: int):
     from configs import dadnn as dadnn_config
     from jdjax.data import clicklog
     from jdjax.models.dadnn import MODELS
-    from jdjax.nn.ctr.features import FeatureMap
+    from jdjax.data.features import FeatureMap
     from jdjax.tasks import ctr
 
     cfg = dadnn_config.get_config("smoke" if smoke else None)

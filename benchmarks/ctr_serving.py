@@ -80,7 +80,7 @@ def _family_setup(family: str, smoke: bool):
     from configs import cscnn as cscnn_config
     from configs import dadnn as dadnn_config
     from configs import kfatt as kfatt_config
-    from jdjax.nn.ctr.features import FeatureMap
+    from jdjax.data.features import FeatureMap
     from jdjax.tasks import ctr
 
     module = {"behaviour": kfatt_config, "scenes": dadnn_config, "images": cscnn_config}[family]

@@ -8,7 +8,7 @@ import optax
 
 from jdjax.data import images
 from jdjax.nn.vit import ViT
-from jdjax.tasks.base import Task
+from jdjax.train.task import Task
 
 
 def image_splits(data_cfg) -> dict:

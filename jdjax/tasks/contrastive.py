@@ -51,7 +51,7 @@ import optax
 from jdjax.data import images
 from jdjax.data.pipeline import ArraySource
 from jdjax.nn.clip import CLIP, l2_normalize
-from jdjax.tasks.base import Task
+from jdjax.train.task import Task
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps exp(logit_scale) to <= 100
 FILL_WORDS = {"solid": "solid", "stripes": "striped"}

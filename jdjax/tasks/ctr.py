@@ -42,8 +42,8 @@ import optax
 from jdjax.data.pipeline import ArraySource
 from jdjax.metrics import ctr as ctr_metrics
 from jdjax.models import cscnn, dadnn, din
-from jdjax.nn.ctr.features import FeatureMap
-from jdjax.tasks.base import Task
+from jdjax.data.features import FeatureMap
+from jdjax.train.task import Task
 from jdjax.train import sharding as shd
 
 FAMILIES = {"behaviour": din.MODELS, "scenes": dadnn.MODELS, "images": cscnn.MODELS}

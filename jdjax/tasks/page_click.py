@@ -32,7 +32,7 @@ from jdjax.econ import page_env
 from jdjax.metrics import ctr as ctr_metrics
 from jdjax.models.page_click import PageClickModel
 from jdjax.nn.ctr.layers import ACTIVATIONS
-from jdjax.tasks.base import Task
+from jdjax.train.task import Task
 
 SPLITS = {"train": 0, "val": 1, "test": 2}  # split -> click_log stream
 LOG_KEYS = ("user", "x", "cat", "is_ad", "label", "ctr")

@@ -28,7 +28,7 @@ from jdjax.data import images
 from jdjax.merging import flops, schedules
 from jdjax.nn.lora import lora_trainable_pattern
 from jdjax.nn.vit import ViT, vit_config
-from jdjax.tasks.base import Task
+from jdjax.train.task import Task
 from jdjax.tasks.classification import classification_task, data_errors, image_splits
 from jdjax.timing import time_call
 from jdjax.train.logging import is_main_process

@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from jdjax.data import pipeline
-from jdjax.tasks.base import Task
+from jdjax.train.task import Task
 from jdjax.train import sharding as shd
 from jdjax.train.checkpoint import Checkpointer, abstract_with_shardings
 from jdjax.train.logging import (

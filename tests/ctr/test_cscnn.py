@@ -8,7 +8,7 @@ import pytest
 
 from jdjax.data import clicklog
 from jdjax.models import cscnn
-from jdjax.nn.ctr.features import FeatureMap
+from jdjax.data.features import FeatureMap
 
 K = 5  # prior-table rows
 

@@ -12,7 +12,7 @@ import pytest
 from jdjax.data import clicklog
 from jdjax.models import dadnn
 from jdjax.nn.ctr.embedding import Embeddings
-from jdjax.nn.ctr.features import FeatureMap
+from jdjax.data.features import FeatureMap
 from jdjax.nn.ctr.layers import MLP
 
 B = 32

@@ -234,7 +234,7 @@ def test_random_error_per_table_row_equals_per_behaviour(name):
 
     from jdjax.data import clicklog
     from jdjax.models.din import BehaviourCTR
-    from jdjax.nn.ctr.features import FeatureMap
+    from jdjax.data.features import FeatureMap
 
     log = clicklog.generate("tiny", seed=0)["train"]
     fmap = FeatureMap.fit(clicklog.features(8, clicklog.SIZES["tiny"].maxlen), log)

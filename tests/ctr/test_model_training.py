@@ -9,7 +9,7 @@ import pytest
 
 from jdjax.data import clicklog
 from jdjax.models.din import BehaviourCTR
-from jdjax.nn.ctr.features import FeatureMap
+from jdjax.data.features import FeatureMap
 
 B = 16
 

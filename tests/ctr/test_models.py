@@ -10,7 +10,7 @@ import pytest
 
 from jdjax.data import clicklog
 from jdjax.models.din import MODELS, BehaviourCTR
-from jdjax.nn.ctr.features import FeatureMap
+from jdjax.data.features import FeatureMap
 
 B = 16
 

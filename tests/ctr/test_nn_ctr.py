@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jdjax.data.features import FeatureMap
 from jdjax.nn import ctr
 from jdjax.nn.ctr.features import OOV_ID, PAD_ID
 
@@ -27,7 +28,7 @@ TRAIN = {
 
 
 def test_vocabulary_is_shared_and_built_over_all_features_of_a_table():
-    fm = ctr.FeatureMap.fit(FEATURES, TRAIN)
+    fm = FeatureMap.fit(FEATURES, TRAIN)
     np.testing.assert_array_equal(fm.vocabularies["item"], [100, 101, 102, 103, 104])  # item and hist_item
     assert [(t.name, t.rows, t.dim) for t in fm.tables()] == [("user", 5, 4), ("item", 7, 6)]
     enc = fm.encode({"user": np.array([12, 99]), "item": np.array([104, 7]),
@@ -41,11 +42,11 @@ def test_vocabulary_is_shared_and_built_over_all_features_of_a_table():
 def test_feature_map_json_round_trip(tmp_path):
     feats = FEATURES + (ctr.SparseFeat("brand", 3, min_count=2),)
     train = {**TRAIN, "brand": np.array(["a", "b", "a", "c"])}
-    fm = ctr.FeatureMap.fit(feats, train)
+    fm = FeatureMap.fit(feats, train)
     np.testing.assert_array_equal(fm.vocabularies["brand"], ["a"])  # b and c are seen once < min_count
     path = str(tmp_path / "feature_map.json")
     fm.save(path)
-    back = ctr.FeatureMap.load(path)
+    back = FeatureMap.load(path)
     assert back.features == fm.features and back.tables() == fm.tables()
     for name in ("user", "item", "hist_item", "brand"):
         np.testing.assert_array_equal(back.encode(train)[name], fm.encode(train)[name])
@@ -53,23 +54,23 @@ def test_feature_map_json_round_trip(tmp_path):
 
 def test_feature_map_errors(tmp_path):
     with pytest.raises(ValueError, match="share the table 'item' but differ in width"):
-        ctr.FeatureMap.fit((ctr.SparseFeat("item", 4), ctr.VarLenFeat("h", 3, 5, "item")), TRAIN)
+        FeatureMap.fit((ctr.SparseFeat("item", 4), ctr.VarLenFeat("h", 3, 5, "item")), TRAIN)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ctr.FeatureMap.load(str(tmp_path / "missing.json"))
+        FeatureMap.load(str(tmp_path / "missing.json"))
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="corrupt"):
-        ctr.FeatureMap.load(str(bad))
+        FeatureMap.load(str(bad))
     bad.write_text(json.dumps({"version": 0}))
     with pytest.raises(ValueError, match="version"):
-        ctr.FeatureMap.load(str(bad))
-    fm = ctr.FeatureMap.fit(FEATURES, TRAIN)
+        FeatureMap.load(str(bad))
+    fm = FeatureMap.fit(FEATURES, TRAIN)
     with pytest.raises(ValueError, match="expected raw shape"):
         fm.encode({**TRAIN, "hist_item": np.zeros((4, 5), int)})
 
 
 def test_embeddings_share_tables_and_zero_padding():
-    fm = ctr.FeatureMap.fit(FEATURES, TRAIN)
+    fm = FeatureMap.fit(FEATURES, TRAIN)
     module = ctr.Embeddings(fm.features, fm.tables(), row_multiple=8)
     batch = {k: jnp.asarray(v) for k, v in fm.encode(TRAIN).items()}
     variables = module.init(jax.random.key(0), batch)

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec
 
 from configs import kfatt as kfatt_config
 from jdjax import main as jmain
-from jdjax.nn.ctr.features import FeatureMap
+from jdjax.data.features import FeatureMap
 from jdjax.tasks import ctr, get_task_module
 from jdjax.train import loop
 from jdjax.train import sharding as shd

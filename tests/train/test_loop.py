@@ -15,7 +15,7 @@ import pytest
 from configs import vit
 from jdjax import testing
 from jdjax.data.pipeline import ArraySource
-from jdjax.tasks.base import Task
+from jdjax.train.task import Task
 from jdjax.train import loop
 from jdjax.train import sharding as shd
 from jdjax.train.checkpoint import read_state, saved_steps

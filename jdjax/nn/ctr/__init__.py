@@ -1,4 +1,4 @@
-"""Shared CTR blocks: feature declarations and vocabularies, embedding tables, the MLP tower
+"""Shared CTR blocks: feature declarations, embedding tables, the MLP tower
 (PReLU / Dice), DCN's cross network, DIN's local activation unit, a Transformer behaviour
 encoder and MMoE."""
 
@@ -11,7 +11,6 @@ from jdjax.nn.ctr.attention import (
 from jdjax.nn.ctr.embedding import Embeddings, pool, sequence_mask
 from jdjax.nn.ctr.features import (
     DenseFeat,
-    FeatureMap,
     SparseFeat,
     TableSpec,
     VarLenFeat,
@@ -26,7 +25,6 @@ __all__ = [
     "DenseFeat",
     "Dice",
     "Embeddings",
-    "FeatureMap",
     "LocalActivationUnit",
     "MMoE",
     "PReLU",

@@ -1,4 +1,4 @@
-"""CTR feature declarations and the feature map (vocabularies) built once over training data.
+"""CTR feature declarations: what the embedding blocks look up (the vocabularies are jdjax.data.features).
 
 Features are declared as frozen dataclasses (DeepCTR style):
 
@@ -7,28 +7,19 @@ Features are declared as frozen dataclasses (DeepCTR style):
     DenseFeat('price', dimension=1)                                         real values
 
 Features with the same `embedding_name` share one embedding table and one vocabulary (so
-`hist_item` looks its ids up in the `item` table, as DIN needs). A `FeatureMap` holds the
-vocabulary of every table, built once over the *whole* training split (never per data block,
-which would break per-user grouping, FuxiCTR #164), and is saved/loaded as `feature_map.json`.
+`hist_item` looks its ids up in the `item` table, as DIN needs).
 
-Encoded ids (int32): 0 = padding (sequences only; the sequence mask is `ids != 0`), 1 = out of
-vocabulary (ids unseen in training, or seen fewer than `min_count` times), 2.. = known ids in
-sorted raw-id order. Raw ids may be integers or strings.
+Encoded ids (int32), as `jdjax.data.features.FeatureMap` writes them: 0 = padding (sequences
+only; the sequence mask is `ids != 0`), 1 = out of vocabulary, 2.. = known ids.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 from dataclasses import dataclass
-
-import numpy as np
 
 PAD_ID = 0
 OOV_ID = 1
 NUM_SPECIAL_IDS = 2
-FEATURE_MAP_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -85,10 +76,6 @@ class TableSpec:
     dim: int
 
 
-def _is_text(values: np.ndarray) -> bool:
-    return values.dtype.kind in "USO"
-
-
 def _kind(feature: Feature) -> str:
     return next(k for k, cls in _KINDS.items() if isinstance(feature, cls))
 
@@ -110,113 +97,3 @@ def check_features(features) -> None:
                 f"the table {f.table!r} but differ in width; give them the same embedding_dim."
             )
         dims.setdefault(f.table, (f.name, f.embedding_dim))
-
-
-@dataclass
-class FeatureMap:
-    """Feature declarations plus one vocabulary (sorted known raw ids) per embedding table."""
-
-    features: tuple
-    vocabularies: dict[str, np.ndarray]
-
-    @classmethod
-    def fit(cls, features, columns: dict[str, np.ndarray]) -> FeatureMap:
-        """Builds every table's vocabulary from the training columns of all features sharing it.
-
-        Args:
-          features: the declarations.
-          columns: name -> raw training values ([N] for sparse, [N, maxlen] padded for varlen).
-        """
-        features = tuple(features)
-        check_features(features)
-        counts: dict[str, list] = {}
-        min_count: dict[str, int] = {}
-        for f in features:
-            if isinstance(f, DenseFeat):
-                continue
-            if f.name not in columns:
-                raise ValueError(f"FeatureMap.fit: no training column for feature {f.name!r}.")
-            raw = np.asarray(columns[f.name])
-            if isinstance(f, VarLenFeat):
-                raw = raw[raw != f.pad_value]
-            counts.setdefault(f.table, []).append(raw.reshape(-1))
-            min_count[f.table] = max(min_count.get(f.table, 1), f.min_count)
-        vocabularies = {}
-        for table, parts in counts.items():
-            values, freq = np.unique(np.concatenate(parts), return_counts=True)
-            vocabularies[table] = values[freq >= min_count[table]]
-        return cls(features, vocabularies)
-
-    def tables(self) -> tuple[TableSpec, ...]:
-        """One TableSpec per embedding table, in first-use order."""
-        out: dict[str, TableSpec] = {}
-        for f in self.features:
-            if not isinstance(f, DenseFeat) and f.table not in out:
-                out[f.table] = TableSpec(f.table, len(self.vocabularies[f.table]) + NUM_SPECIAL_IDS, f.embedding_dim)
-        return tuple(out.values())
-
-    def encode(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Raw columns -> model inputs: int32 ids (0 pad, 1 OOV, 2.. known) and float32 dense values.
-
-        Columns that are not declared features are passed through unchanged.
-        """
-        out = dict(columns)
-        for f in self.features:
-            if f.name not in columns:
-                raise ValueError(f"FeatureMap.encode: missing column {f.name!r}.")
-            raw = np.asarray(columns[f.name])
-            if isinstance(f, DenseFeat):
-                out[f.name] = raw.astype(np.float32).reshape(len(raw), f.dimension)
-                continue
-            vocab = self.vocabularies[f.table]
-            if vocab.size and raw.size and _is_text(raw) != _is_text(vocab):
-                raise ValueError(
-                    f"feature {f.name!r}: raw ids of dtype {raw.dtype} cannot be looked up in the {f.table!r} "
-                    f"vocabulary of dtype {vocab.dtype}; encode with the same id type as in training."
-                )
-            pos = np.clip(np.searchsorted(vocab, raw), 0, max(vocab.size - 1, 0))
-            known = (vocab[pos] == raw) if vocab.size else np.zeros(raw.shape, bool)
-            ids = np.where(known, pos + NUM_SPECIAL_IDS, OOV_ID).astype(np.int32)
-            if isinstance(f, VarLenFeat):
-                if raw.ndim != 2 or raw.shape[1] != f.maxlen:
-                    raise ValueError(f"feature {f.name!r}: expected raw shape [N, {f.maxlen}], got {raw.shape}.")
-                ids = np.where(raw == f.pad_value, PAD_ID, ids).astype(np.int32)
-            out[f.name] = ids
-        return out
-
-    def to_json(self) -> dict:
-        return {
-            "version": FEATURE_MAP_VERSION,
-            "features": [{"type": _kind(f), **dataclasses.asdict(f)} for f in self.features],
-            "vocabularies": {t: v.tolist() for t, v in self.vocabularies.items()},
-        }
-
-    @classmethod
-    def from_json(cls, data: dict) -> FeatureMap:
-        if data.get("version") != FEATURE_MAP_VERSION:
-            raise ValueError(f"feature map version {data.get('version')!r} is not {FEATURE_MAP_VERSION}; rebuild it.")
-        features = tuple(_KINDS[d.pop("type")](**d) for d in (dict(x) for x in data["features"]))
-        check_features(features)
-        vocabularies = {t: np.asarray(v) for t, v in data["vocabularies"].items()}
-        missing = {f.table for f in features if not isinstance(f, DenseFeat)} - set(vocabularies)
-        if missing:
-            raise ValueError(f"feature map has no vocabulary for tables {sorted(missing)}; rebuild it.")
-        return cls(features, vocabularies)
-
-    def save(self, path: str) -> None:
-        """Writes the map as JSON (atomically: a temporary file renamed into place)."""
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_json(), f)
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str) -> FeatureMap:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"feature map {path!r} does not exist; build it from the training data first.")
-        try:
-            with open(path) as f:
-                data = json.load(f)
-            return cls.from_json(data)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"feature map {path!r} is corrupt ({type(e).__name__}: {e}); delete it and rebuild.") from e
