@@ -2,6 +2,12 @@
 
 from setuptools import find_packages, setup
 
+# One torch constraint for every extra: the CPU build this project is tested with (a range that
+# admits a newer release makes pip fetch a multi-GB CUDA build). Conversion works with torch >= 2.3
+# if another build is already installed.
+TORCH = "torch==2.13.0"
+TRANSFORMERS = "transformers>=4.44"
+
 setup(
     name="jdjax",
     version="0.1.0",
@@ -13,6 +19,7 @@ setup(
         "flax>=0.11,<0.13",
         "optax>=0.2.4,<0.3",
         "orbax-checkpoint>=0.11,<0.13",
+        "etils[epath]>=1.7",  # workdir I/O: local paths and gs:// alike
         "chex>=0.1.89",
         "einops>=0.8",
         "ml_collections>=1.0",
@@ -24,17 +31,24 @@ setup(
         "scikit-learn>=1.4",  # embedded data: the bundled handwritten digits and sample photos
         "matplotlib>=3.8",  # plots written into the workdir
         "regex>=2023.0",  # the CLIP tokenizer's Unicode classes
+        "Pillow>=10",  # image resizing (TFDS reader) and the merging visualisation
+        "pyarrow>=14",  # Parquet multi-scene click logs (data/clicklog.py)
+        "safetensors>=0.4",  # .safetensors checkpoints in the converters
     ],
     extras_require={
         # The test extra installs what the reader and parity tests need, so CI runs them all.
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",
+            "scipy>=1.11",  # reference distributions and optimisers in the tests
+            "portpicker>=1.6",  # free ports for the multi-process tests
+            "fsspec>=2023.1",  # an in-memory gs:// filesystem for the workdir I/O tests
             "tensorflow-datasets>=4.9.7",
-            "torch==2.13.0",
-            "transformers>=4.44",
+            TORCH,
+            TRANSFORMERS,
         ],
         "tfds": ["tensorflow-datasets>=4.9.7"],
-        "convert": ["torch>=2.3", "transformers>=4.44"],
+        "convert": [TORCH, TRANSFORMERS],
+        "gcs": ["etils[epath-gcs]"],  # gs:// workdirs without TensorFlow (gcsfs, google-cloud-storage)
     },
 )

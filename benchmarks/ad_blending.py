@@ -54,6 +54,7 @@ def _click_models(p):
     import jax
 
     from configs import ad_blending as ad_config
+    from configs import page_click as cp
     from jdjax.econ import allocation as al
     from jdjax.econ import page_env
     from jdjax.models import page_click
@@ -79,7 +80,7 @@ def measure(rounds: int, batch: int, batch_rounds: int, chunk: int) -> list[tupl
     from jdjax.econ import allocation as al
     from jdjax.econ import page_env
 
-    p = page_env.EnvParams.from_config(page_env.env_config("competition"))
+    p = page_env.EnvParams.from_config(cp.env_config("competition"))
     centres = page_env.category_centres(0, p)
     gen = al.Exhaustive()
     cands, valid = al.exhaustive_assignments(p.num_ads, len(p.ad_slots))

@@ -13,15 +13,13 @@ model the test AUC / logloss. Finished click models are reused when rerun.
 
 from __future__ import annotations
 
-import os
 import statistics
 
-from absl import app, flags
+from absl import flags
 
 from benchmarks import harness
-from jdjax import (
-    main as jmain,  # defines --config (with :variant and --config.x overrides) and --workdir
-)
+from jdjax import cli, tasks
+from jdjax.train import sweep
 
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
 NOTES = ("Ad blending (configs/ad_blending.py) on the synthetic page environment (jdjax/econ/page_env.py): "
@@ -36,28 +34,25 @@ def _stats(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def main(argv):
-    del argv
-    from absl import logging
+def seed_job(base, seed: int) -> sweep.Job:
+    config = base.copy_and_resolve_references()
+    config.seed = config.data.seed = seed
+    return sweep.Job(f"seed{seed}", lambda workdir: tasks.run(config, workdir))
 
-    logging.set_verbosity(logging.WARNING)
-    base = jmain._CONFIG.value
-    if base is None:
-        raise app.UsageError("--config is required, e.g. --config=configs/ad_blending.py")
-    workdir = jmain._WORKDIR.value or "runs/ad-blending-outcomes"
-    smoke = "smoke" in flags.FLAGS["config"].serialize()
+
+def main(base, workdir: str) -> None:
+    tasks.check(base)  # every seed's config problems, before anything runs
+    smoke = "smoke" in cli.config_arg()
     seeds = [int(s) for s in _SEEDS.value.split(",")]
+    out = sweep.run_sweep(workdir, [seed_job(base, s) for s in seeds], desc="ad_blending_outcomes")
+    if out.status != sweep.COMPLETED:
+        raise SystemExit(f"ad_blending_outcomes: {out.status} {out.failed or ''}; rerun to resume.")
     mechanisms: dict[str, list[dict]] = {}
     click: dict[str, list[dict]] = {}
-    for seed in seeds:
-        config = base.copy_and_resolve_references()
-        config.seed = config.data.seed = seed
-        out = jmain.run(config, os.path.join(workdir, f"seed{seed}"))
-        if out.get("status") != "completed":
-            raise SystemExit(f"seed {seed} did not complete; rerun to resume.")
-        for row in out["mechanisms"]:
-            mechanisms.setdefault(row["mechanism"], []).append({**row, "floor": out["floor"]["eval"]})
-        for row in out["click_models"]:
+    for results in out.results.values():
+        for row in results["mechanisms"]:
+            mechanisms.setdefault(row["mechanism"], []).append({**row, "floor": results["floor"]["eval"]})
+        for row in results["click_models"]:
             click.setdefault(row["model"], []).append(row)
     for name, rows in click.items():
         auc, logloss = _stats([r["auc"] for r in rows]), _stats([r["logloss"] for r in rows])
@@ -73,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_app(main, example="--config=configs/ad_blending.py", workdir_default="runs/ad-blending-outcomes")

@@ -5,7 +5,7 @@
     python -m benchmarks.ctr_accuracy --config=configs/cscnn.py --workdir=runs/cscnn-compare
     python -m benchmarks.ctr_accuracy --config=configs/kfatt.py:smoke --workdir=/tmp/kfatt-smoke   # prints only
 
-Runs `python -m jdjax.tasks.ctr`'s comparison (every model of `compare.models` x every seed of
+Runs `python -m jdjax.tools.ctr_compare`'s comparison (every model of `compare.models` x every seed of
 `compare.seeds`, each in <workdir>/<model>/seed<k>; finished runs are reused, unfinished ones
 resume) and records one row per model into benchmarks/results.jsonl and RESULTS.md as
 'kfatt_accuracy', 'dadnn_accuracy' or 'cscnn_accuracy': mean and standard deviation over seeds
@@ -22,12 +22,9 @@ import os
 import statistics
 import time
 
-from absl import app, flags
-
 from benchmarks import harness
-from jdjax import (
-    main as jmain,  # defines --config (with :variant and --config.x overrides) and --workdir
-)
+from jdjax import cli
+from jdjax.train import sweep
 
 BENCHMARK = {"behaviour": "kfatt_accuracy", "scenes": "dadnn_accuracy", "images": "cscnn_accuracy"}
 NOTES = {
@@ -67,8 +64,7 @@ def rows_from_runs(workdir: str, models: list[str], seeds: list[int]) -> list[di
     for model in models:
         runs = []
         for seed in seeds:
-            with open(os.path.join(workdir, model, f"seed{seed}", "results.json")) as f:
-                runs.append(json.load(f))
+            runs.append(sweep.read_results(os.path.join(workdir, model, f"seed{seed}")))
         row: dict = {"model": model, "seeds": len(runs)}
         for key, name in (("test/auc", "test_auc"), ("test/gauc", "test_gauc"), ("val/auc", "val_auc"),
                           ("test/logloss", "test_logloss")):
@@ -119,27 +115,18 @@ def oracle_row(config) -> dict:
     return row
 
 
-def main(argv):
-    del argv
-    from absl import logging
-
+def main(config, workdir: str) -> None:
     from jdjax.tasks import ctr
 
-    logging.set_verbosity(logging.WARNING)
-    config = jmain._CONFIG.value
-    if config is None or not jmain._WORKDIR.value:
-        raise app.UsageError("--config and --workdir are required, e.g. --config=configs/kfatt.py --workdir=runs/kfatt-compare")
-    workdir = jmain._WORKDIR.value
-    smoke = "smoke" in flags.FLAGS["config"].serialize()
+    smoke = "smoke" in cli.config_arg()
     family = ctr.model_family(config.model.name)
     models = [m for m in config.compare.models.split(",") if m]
     seeds = [int(s) for s in config.compare.seeds.split(",") if s]
-    todo = sum(not os.path.exists(os.path.join(workdir, m, f"seed{k}", "results.json")) for m in models for k in seeds)
+    todo = sum(sweep.read_results(os.path.join(workdir, m, f"seed{k}")) is None for m in models for k in seeds)
     t0 = time.perf_counter()
-    try:
-        ctr.compare(config, workdir, models, seeds)
-    except jmain.UsageError as e:
-        jmain.fail(str(e))
+    out = ctr.compare(config, workdir, models, seeds)
+    if out["status"] != "completed":
+        raise SystemExit(f"ctr_accuracy: {out['status']} {out['failed'] or ''}; rerun to resume.")
     wall = time.perf_counter() - t0
     if not todo:  # every run reused: keep the wall time of the invocation that trained them
         wall = _previous_wall(BENCHMARK[family], wall)
@@ -158,4 +145,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=jmain.parse_flags)
+    cli.run_app(main, example="--config=configs/kfatt.py --workdir=runs/kfatt-compare", workdir_required=True)

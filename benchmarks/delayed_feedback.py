@@ -1,11 +1,11 @@
-"""D-TS simulation throughput: the JAX simulator (scan over updates x vmap over replications)
-against a plain per-request NumPy loop of the same algorithm, in one run.
+"""D-TS simulation throughput, and the simulator's hand-written primitives against library calls.
 
-    python -m benchmarks.delayed_feedback                 # records to benchmarks/RESULTS.md
-    python -m benchmarks.delayed_feedback --smoke         # short horizon, records nothing
+    python -m benchmarks.delayed_feedback                          # records to benchmarks/RESULTS.md
+    python -m benchmarks.delayed_feedback --cases=library_calls    # hand-written vs library calls
+    python -m benchmarks.delayed_feedback --smoke                  # short horizon, records nothing
 
-Scenario high_cvr (3 arms, T = 10,000 requests, updates every 500 after 600 random rows, EM with
-10 cycles). Both sides compute in float64, as the spec asks for exp(-lambda e) and as the
+'simulator': scenario high_cvr (3 arms, T = 10,000 requests, updates every 500 after 600 random
+rows, EM with 10 cycles). Both sides compute in float64, as the spec asks for exp(-lambda e) and as the
 simulator runs from `python -m jdjax.main` (the run recorded before this was measured timed the
 JAX side in float32, JAX's default: 178k requests/s, 3.5x). 'jax' runs --replications worlds in one jitted call (`simulate.simulate`);
 it also reports the stopping rule's posterior (for D-TS it is the policy's own), timed with 1
@@ -14,6 +14,11 @@ with the 1,000 draws that runs use. 'numpy_loop' is `simulate.dts_reference_loop
 at each update, one Beta draw per request), one replication per round. The three are timed in
 interleaved rounds (harness.interleaved), medians reported; throughput is replications x
 requests per second; speedup = jax / numpy_loop (the issue's target is >= 50x). Compile time apart.
+
+'library_calls': each hand-written primitive of `delayed_feedback` against the library call it
+stands in for, float64, (a) alone at the simulator's sizes (vmapped over the replications) and
+(b) end to end: the same D-TS simulation with the library call swapped in (traced under
+unittest.mock.patch, timed after), with 1 and with 1,000 stopping-rule draws per update.
 """
 
 from __future__ import annotations
@@ -22,34 +27,51 @@ import os
 
 from absl import app, flags
 
+_CASES = flags.DEFINE_list("cases", ["simulator"], "simulator: JAX vs NumPy loop; library_calls: hand-written "
+                           "primitives vs library calls.")
 _REPLICATIONS = flags.DEFINE_integer("replications", 50, "Replications simulated together by JAX.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds (median reported).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Horizon 2,000 and few replications; print but do not record.")
 
 BENCHMARK = "delayed_feedback"
+LIBRARY_NOTES = (
+    "Hand-written primitives of jdjax/econ/delayed_feedback.py against the library calls, float64 on CPU. "
+    "isolated/*: the primitive alone at the simulator's sizes, vmapped over 50 replications (medians of interleaved "
+    "rounds). end_to_end/*: the D-TS simulation (high_cvr, T = 10,000, 50 replications, one jitted call) with only "
+    "that primitive swapped for the library call; draws = Monte-Carlo draws of the stopping rule per update "
+    "(1: the simulator benchmark's 'jax' case; 1000: what runs use). slowdown = library time / hand-written time "
+    "(> 1: the hand-written one is faster). The house keeps a hand-written one only at >= 1.3x end to end."
+)
+
+
+def _world(horizon: int, replications: int):
+    import jax
+    import jax.numpy as jnp
+
+    from jdjax.econ import delayed_feedback as df
+    from jdjax.econ import simulate as sim
+
+    scenario = sim.SCENARIOS["high_cvr"]
+    keys = jax.random.split(jax.random.key(0), replications)
+    cvr, rate = jnp.asarray(scenario.cvr, float), jnp.asarray(scenario.delay_rate, float)
+    worlds = sim.synthetic_worlds(keys, cvr, rate, scenario.weibull_shape, horizon)
+    init = jax.vmap(lambda _: df.init_state(len(scenario.cvr)))(jnp.arange(replications))
+    assert worlds.delay.dtype == jnp.float64
+    return sim.make_schedule(horizon), worlds, init, jax.random.split(jax.random.key(1), replications)
 
 
 def measure(horizon: int, replications: int, rounds: int) -> dict:
     import time
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from benchmarks import harness
     from jdjax.econ import delayed_feedback as df
     from jdjax.econ import simulate as sim
 
-    scenario = sim.SCENARIOS["high_cvr"]
-    schedule = sim.make_schedule(horizon)
-    keys = jax.random.split(jax.random.key(0), replications)
-    cvr, rate = jnp.asarray(scenario.cvr, float), jnp.asarray(scenario.delay_rate, float)
-    worlds = sim.synthetic_worlds(keys, cvr, rate, scenario.weibull_shape, horizon)
-    num_arms = len(scenario.cvr)
-    init = jax.vmap(lambda _: df.init_state(num_arms))(jnp.arange(replications))
+    schedule, worlds, init, run_keys = _world(horizon, replications)
     policy = df.make_policy("dts")
-    run_keys = jax.random.split(jax.random.key(1), replications)
-    assert worlds.delay.dtype == jnp.float64
 
     def jax_run(decision_draws):
         return lambda: jax.block_until_ready(
@@ -90,6 +112,138 @@ def measure(horizon: int, replications: int, rounds: int) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- library calls
+
+
+def _library_versions():
+    """{primitive: {attribute of delayed_feedback: its library-call replacement}}."""
+    import jax
+    import jax.numpy as jnp
+
+    def library_sincos(u):
+        return jnp.sin(2 * jnp.pi * u), jnp.cos(2 * jnp.pi * u)
+
+    def library_beta_logit(key, a, b, shape, dtype):
+        k_a, k_b = jax.random.split(key)
+        return jax.random.loggamma(k_a, a, shape, dtype) - jax.random.loggamma(k_b, b, shape, dtype)
+
+    def library_beta(key, a, b, shape, dtype=None):
+        return jax.random.beta(key, a, b, shape, dtype)
+
+    def library_quantile(x, q):
+        return jnp.quantile(x, q)
+
+    def normal_proposals(u, d, c, log_d):  # _mt_proposals with jax.random.normal's normals (erf_inv of uniforms)
+        x = (jnp.sqrt(2.0) * jax.lax.erf_inv(2.0 * u[:2] - 1.0)).reshape(-1)[: d.shape[0]]
+        accept_u = u[2:].reshape(-1)[: d.shape[0]]
+        t = 1.0 + c * x
+        log_t = jnp.log(jnp.where(t > 0, t, 1.0))
+        x2 = x * x
+        accept = (t > 0) & ((accept_u < 1.0 - 0.0331 * x2 * x2) | (jnp.log(accept_u) < 0.5 * x2 + d * (1.0 - t**3 + 3.0 * log_t)))
+        return log_d + 3.0 * log_t, accept, accept_u
+
+    return {"sincos": {"_sincos_2pi": library_sincos}, "normal": {"_mt_proposals": normal_proposals},
+            "beta": {"_beta_logit": library_beta_logit, "beta_sample": library_beta},
+            "quantile": {"_quantile": library_quantile}}
+
+
+def isolated_cases(replications: int, rounds: int):
+    """(case, metrics) of each primitive alone against its library call, at the simulator's sizes."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks import harness
+    from jdjax.econ import delayed_feedback as df
+
+    lib = _library_versions()
+    keys = jax.random.split(jax.random.key(0), replications)
+    uniforms = jax.random.uniform(jax.random.key(1), (replications, 3000), jnp.float64)  # decision_stats' Box-Muller pairs
+    values = jax.random.normal(jax.random.key(2), (replications, 1000), jnp.float64)  # value remaining of 1,000 draws
+    r = replications
+    posteriors = {"a=b=1": (np.ones(3), np.ones(3)),  # the first updates
+                  "a~300,b~400": (np.array([300.0, 250.0, 120.0]), np.array([400.0, 420.0, 300.0]))}  # mid-run
+
+    def box_muller(sincos):
+        def normals(key):
+            u = jax.random.uniform(key, (2, 3000), jnp.float64)
+            radius = jnp.sqrt(-2.0 * jnp.log1p(-u[0]))
+            sin, cos = sincos(u[1])
+            return jnp.concatenate([radius * cos, radius * sin])
+        return normals
+
+    pairs = {
+        ("sincos", f"[{r}, 3000] u -> sin, cos of 2 pi u"): (uniforms, df._sincos_2pi, lib["sincos"]["_sincos_2pi"]),
+        ("normal_sampler", f"[{r}, 6000] normals: Box-Muller, hand vs jnp sin/cos; _2: jax.random.normal"): (
+            keys, box_muller(df._sincos_2pi), box_muller(lib["sincos"]["_sincos_2pi"]),
+            lambda k: jax.random.normal(k, (6000,), jnp.float64)),
+        ("quantile", f"[{r}, 1000] 95th percentile, jnp.quantile"): (values, lambda x: df._quantile(x, 0.95), lambda x: jnp.quantile(x, 0.95)),
+    }
+    for label, (a, b) in posteriors.items():
+        pairs[(f"beta_sample/{label}", f"[{r}, 1000, 3] Beta, jax.random.beta")] = (
+            keys, lambda k, a=a, b=b: df.beta_sample(k, a, b, (1000, 3)), lambda k, a=a, b=b: jax.random.beta(k, a, b, (1000, 3)))
+        pairs[(f"ts_assign/{label}", f"[{r}, 500, 3] Beta logits, jax.random.loggamma")] = (
+            keys, lambda k, a=a, b=b: df._beta_logit(k, a, b, (500, 3), jnp.float64),
+            lambda k, a=a, b=b: lib["beta"]["_beta_logit"](k, a, b, (500, 3), jnp.float64))
+    for (case, size), (arg, hand, library, *other) in pairs.items():
+        fns = {name: jax.jit(jax.vmap(f)) for name, f in zip(("hand", "library", "library_2"), (hand, library, *other))}
+        calls = {name: (lambda f=f: jax.block_until_ready(f(arg))) for name, f in fns.items()}
+        for call in calls.values():
+            call()  # compilation apart
+        t = harness.interleaved(calls, rounds)
+        metrics = {"size": size, "hand_ms": 1e3 * t["hand"]["median_s"], "library_ms": 1e3 * t["library"]["median_s"],
+                   "slowdown": t["library"]["median_s"] / t["hand"]["median_s"]}
+        if other:
+            metrics["library_2_ms"] = 1e3 * t["library_2"]["median_s"]
+            metrics["slowdown_2"] = t["library_2"]["median_s"] / t["hand"]["median_s"]
+        if case in ("sincos", "quantile"):  # same values expected
+            metrics["max_abs_diff"] = float(np.max(np.abs(np.asarray(fns["hand"](arg)) - np.asarray(fns["library"](arg)))))
+        yield f"isolated/{case}", {**metrics, "rounds": rounds, "load1": round(os.getloadavg()[0], 2), "notes": LIBRARY_NOTES}
+
+
+def end_to_end_cases(horizon: int, replications: int, rounds: int):
+    """(case, metrics): the D-TS simulation with each primitive swapped for its library call."""
+    import contextlib
+    import functools
+    import time
+    from unittest import mock
+
+    import jax
+
+    from benchmarks import harness
+    from jdjax.econ import delayed_feedback as df
+    from jdjax.econ import simulate as sim
+
+    schedule, worlds, init, run_keys = _world(horizon, replications)
+    policy = df.make_policy("dts")
+    lib = _library_versions()
+
+    def build(primitive, draws):  # a jitted simulation traced with the primitive swapped
+        fn = jax.jit(jax.vmap(functools.partial(
+            sim.simulate_replication, policy, schedule, em_cycles=df.EM_CYCLES, decision_draws=draws, shared_decision=True)))
+        call = lambda: jax.block_until_ready(fn(worlds, run_keys, init, init).regret)
+        with mock.patch.multiple(df, **lib[primitive]) if primitive in lib else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            call()
+            return call, time.perf_counter() - t0
+
+    for draws in (1, 1000):
+        primitives = ["hand", "sincos", "normal", "beta"] + (["quantile"] if draws > 1 else [])  # 1 draw: no quantile to speak of
+        built = {p: build(p, draws) for p in primitives}
+        t = harness.interleaved({p: call for p, (call, _) in built.items()}, rounds)
+        hand = t["hand"]["median_s"]
+        for p in primitives[1:]:
+            yield f"end_to_end/{p}/draws={draws}", {
+                "size": f"D-TS high_cvr T={horizon} x {replications}", "hand_ms": 1e3 * hand,
+                "library_ms": 1e3 * t[p]["median_s"], "slowdown": t[p]["median_s"] / hand,
+                "hand_requests_per_s": replications * horizon / hand,
+                "library_requests_per_s": replications * horizon / t[p]["median_s"],
+                "hand_p10_p90_ms": f"{1e3 * t['hand']['p10_s']:.0f}-{1e3 * t['hand']['p90_s']:.0f}",
+                "library_p10_p90_ms": f"{1e3 * t[p]['p10_s']:.0f}-{1e3 * t[p]['p90_s']:.0f}",
+                "compile_s": built[p][1] - t[p]["median_s"], "rounds": rounds,
+                "load1": round(os.getloadavg()[0], 2), "notes": LIBRARY_NOTES}
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -98,13 +252,20 @@ def main(argv):
     from benchmarks import harness
 
     smoke = _SMOKE.value
+    horizon, replications, rounds = (2_000, 4, 1) if smoke else (10_000, _REPLICATIONS.value, _ROUNDS.value)
+    unknown = set(_CASES.value) - {"simulator", "library_calls"}
+    if unknown:
+        raise app.UsageError(f"unknown --cases {sorted(unknown)}; choose from simulator, library_calls.")
     with jax.enable_x64(True):
-        if smoke:
-            metrics = measure(2_000, 4, 1)
-        else:
-            metrics = measure(10_000, _REPLICATIONS.value, _ROUNDS.value)
-    harness.record(BENCHMARK, f"D-TS high_cvr T={metrics['horizon']} x {metrics['replications']} replications",
-                   metrics, smoke=smoke)
+        if "simulator" in _CASES.value:
+            metrics = measure(horizon, replications, rounds)
+            harness.record(BENCHMARK, f"D-TS high_cvr T={metrics['horizon']} x {metrics['replications']} replications",
+                           metrics, smoke=smoke)
+        if "library_calls" in _CASES.value:
+            for case, metrics in isolated_cases(replications, max(rounds, 21)):
+                harness.record(f"{BENCHMARK}_library_calls", case, metrics, smoke=smoke)
+            for case, metrics in end_to_end_cases(horizon, replications, rounds):
+                harness.record(f"{BENCHMARK}_library_calls", case, metrics, smoke=smoke)
 
 
 if __name__ == "__main__":

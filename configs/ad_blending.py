@@ -11,18 +11,17 @@ policy, sweeps VB_org (revenue / organic-click frontier, frontier.png), tunes th
 separate pages (golden section over VB_org, SPSA over (VB_ad, VB_org)) and reports revenue, ad
 clicks, organic clicks and the VCG clip rate against GSP and the separable position auction
 (jdjax/tasks/ad_blending.py). The top-level keys are the click models' loop config
-(jdjax/tasks/page_click.click_config); `auction` holds the mechanism and tuning settings.
+(configs/page_click.py); `auction` holds the mechanism and tuning settings.
 """
 
 import ml_collections
 
-from configs import common
-from jdjax.tasks import page_click
+from configs import common, page_click
 
 
 def get_config(arg=None):
     args = common.parse_arg(arg, smoke=False, variant="competition")
-    c = page_click.click_config(common.base_config(), variant=args.variant)
+    c = page_click.click_config(args.variant)
     c.task = "ad_blending"
     c.auction = ml_collections.ConfigDict(
         dict(
@@ -46,10 +45,7 @@ def get_config(arg=None):
         )
     )
     if args.smoke:
-        common.shrink_for_smoke(c, steps=20)
-        c.data.train_pages, c.data.val_pages, c.data.test_pages = 320, 100, 100
-        c.batch_size = 32
-        c.eval_batch_size = 64
+        page_click.shrink_click_for_smoke(c)
         c.auction.tune_pages = c.auction.eval_pages = 40
         c.auction.vb_org_grid = (0.0, 0.5, 2.0)
         c.auction.golden_evals = 4

@@ -14,14 +14,13 @@ the real tokenizer, jdjax/data/clip_tokenizer.py). Metrics per split: zero-shot 
 the 10 class prompts (selects the checkpoint), the contrastive loss, and class-level recall@1
 image->text and text->image (see jdjax/tasks/contrastive.py).
 
-`clip_b16` / `clip_l14` set the published model shapes (jdjax.nn.clip.clip_config); there is no
+`clip_b16` / `clip_l14` set the published model shapes (`model.name`, resolved by jdjax.nn.clip.clip_config); there is no
 reader for a real image-text corpus yet, so they still train on generated shapes at 224 px.
 """
 
 import ml_collections
 
 from configs import common
-from jdjax.nn.clip import clip_config
 
 REAL_MODELS = {"clip_b16": "ViT-B/16", "clip_l14": "ViT-L/14"}
 
@@ -45,6 +44,7 @@ def get_config(arg=None):
     )
     c.model = ml_collections.ConfigDict(
         {
+            "name": "",  # a published CLIP ('ViT-B/16'): its shapes replace the numbers below
             "embed_dim": 64,
             "patch_size": 4,
             "vision_width": 64,
@@ -73,10 +73,9 @@ def get_config(arg=None):
 
     for name, size in REAL_MODELS.items():
         if args[name]:
-            shapes = clip_config(size)
-            c.data.image_size = shapes.pop("image_size")
+            c.model.name = size
+            c.data.image_size = 224
             c.data.update(num_train=4096, num_eval=512)  # generated at 224 px: ~0.6 MB per image
-            c.model.update(shapes)
             c.model.remat = True
             c.batch_size = 1024
             c.eval_batch_size = 512

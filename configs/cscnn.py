@@ -3,7 +3,7 @@
     python -m jdjax.main --config=configs/cscnn.py                      # CSCNN, embedded ad-image log
     python -m jdjax.main --config=configs/cscnn.py:smoke                # seconds, for CI
     python -m jdjax.main --config=configs/cscnn.py:model=cbam           # attention without category priors
-    python -m jdjax.tasks.ctr --config=configs/cscnn.py --workdir=runs/cscnn-compare   # model set x 3 seeds
+    python -m jdjax.tools.ctr_compare --config=configs/cscnn.py --workdir=runs/cscnn-compare   # model set x 3 seeds
 
 Models (`model=`, jdjax/models/cscnn.py): no_image, cnn (plain CNN tower), cbam (channel and
 spatial attention on every conv layer) and cscnn (the same with per-layer category priors).

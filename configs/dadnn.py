@@ -4,7 +4,7 @@
     python -m jdjax.main --config=configs/dadnn.py:smoke                    # seconds, for CI
     python -m jdjax.main --config=configs/dadnn.py:model=dadnn_mlp --config.model.kt_weight=0.3
     python -m jdjax.main --config=configs/dadnn.py --config.model.kt_stop_gradient=False   # mutual distillation
-    python -m jdjax.tasks.ctr --config=configs/dadnn.py --workdir=runs/dadnn-compare     # model set x 5 seeds
+    python -m jdjax.tools.ctr_compare --config=configs/dadnn.py --workdir=runs/dadnn-compare     # model set x 5 seeds
     python -m jdjax.main --config=configs/dadnn.py --config.data.name=scene_files --config.data.data_dir=/data/scenes \
         --config.data.scene_column=scene_id --config.data.dense_columns=price,ctr_7d       # your own multi-scene log
 

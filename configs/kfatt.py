@@ -6,7 +6,7 @@
     python -m jdjax.main --config=configs/kfatt.py:model=transformer_kfatt_freq    # KFAtt-trans-f
     python -m jdjax.main --config=configs/kfatt.py:smoke,tensor_parallel   # tables sharded by rows
     python -m jdjax.main --config=configs/kfatt.py --config.data.name=amazon --config.data.data_dir=/data/amazon
-    python -m jdjax.tasks.ctr --config=configs/kfatt.py --workdir=runs/kfatt-compare   # model set x 3 seeds
+    python -m jdjax.tools.ctr_compare --config=configs/kfatt.py --workdir=runs/kfatt-compare   # model set x 3 seeds
 
 Models (`model=`): sum, attention (vanilla), din, transformer, kfatt_base, kfatt_freq (KFAtt on
 vanilla attention), din_kfatt_base, din_kfatt_freq, transformer_kfatt_base, transformer_kfatt_freq

@@ -28,7 +28,6 @@ base rate) really reaches the PYRA weights (the released code's flag selected no
 import ml_collections
 
 from configs import common, vit
-from jdjax.merging.schedules import PAPER_SCHEDULES
 
 # Schedules of the embedded ViT (6 layers, 37 tokens), in the spirit of the paper's: "low" cuts the
 # MACs 1.9x, "high" 3.2x (37 -> 5 tokens); neither hits the 50% clamp.
@@ -75,7 +74,7 @@ def get_config(arg=None):
         if args[name]:
             # Paper regime: 224x224, the size's schedules, batch 32, 100 epochs of 1,000 images.
             c.model.update(name=size, lora_rank=rank, dropout=0.0, drop_path=0.1)
-            c.schedules = ml_collections.ConfigDict({k: PAPER_SCHEDULES[size, k] for k in ("low", "high")})
+            c.schedules = ml_collections.ConfigDict(dict(low=(), high=()))  # empty: the paper's for model.name
             c.data.update(name="vtab", vtab_task="cifar100", num_classes=100, image_size=224, augment_shift=0)
             c.method = "pyra"
             c.compression = "low"

@@ -1,4 +1,4 @@
-"""Helpers for tests that run whole jobs: subprocess launches and checkpoint reading."""
+"""Helpers for tests: subprocess launches of whole jobs, random inputs, and PyTorch reference models."""
 
 from __future__ import annotations
 
@@ -40,11 +40,30 @@ def run_main(config: str, workdir: str, *overrides: str, num_devices: int = 1, t
     )
 
 
-def assert_trees_close(a, b, rtol: float, atol: float) -> None:
-    """Two pytrees have the same number of leaves and all of them are close."""
-    import jax
+def random_images(shape, seed: int = 0) -> np.ndarray:
+    """[B, H, W, 3] float32 images uniform in [-1, 1]."""
+    return np.random.default_rng(seed).uniform(-1, 1, size=shape).astype(np.float32)
 
-    flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(flat_a) == len(flat_b)
-    for x, y in zip(flat_a, flat_b):
-        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+def randomize_torch(model, seed: int = 0, scale: float = 0.2):
+    """The torch module with N(0, scale^2) noise added to every parameter (no weight keeps its
+    structured init), in eval mode."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def torch_numpy(t) -> np.ndarray:
+    """A torch tensor -> a float32 NumPy array."""
+    return t.detach().float().numpy()
+
+
+def torch_nchw(images: np.ndarray):
+    """[B, H, W, 3] NumPy images -> a [B, 3, H, W] torch tensor."""
+    import torch
+
+    return torch.from_numpy(images.transpose(0, 3, 1, 2).copy())

@@ -5,9 +5,9 @@ import os
 import pytest
 
 from configs import vit
-from jdjax import main as jmain
+from jdjax import cli
+from jdjax import tasks as jtasks
 from jdjax import testing
-from jdjax.tasks import get_task_module
 
 
 def config(**overrides):
@@ -35,24 +35,24 @@ def config(**overrides):
 )
 def test_invalid_configs_are_reported_before_anything_is_written(tmp_path, overrides, message):
     workdir = tmp_path / "run"
-    with pytest.raises(jmain.UsageError, match="invalid config") as err:
-        jmain.run(config(**overrides), str(workdir))
+    with pytest.raises(jtasks.UsageError, match="invalid config") as err:
+        jtasks.run(config(**overrides), str(workdir))
     assert message in str(err.value)
     assert not workdir.exists()
 
 
 def test_every_problem_is_listed_at_once():
-    errors = jmain.validate(config(batch_size=12, **{"optimizer.name": "adam"}), get_task_module("classification"))
+    errors = jtasks.validate(config(batch_size=12, **{"optimizer.name": "adam"}))
     assert len(errors) == 2
 
 
 def test_unknown_task(tmp_path):
-    with pytest.raises(jmain.UsageError, match="not a known task"):
-        jmain.run(config(task="nope"), str(tmp_path / "run"))
+    with pytest.raises(jtasks.UsageError, match="not a known task"):
+        jtasks.run(config(task="nope"), str(tmp_path / "run"))
 
 
 def test_good_config_validates():
-    assert jmain.validate(config(), get_task_module("classification")) == []
+    assert jtasks.validate(config()) == []
 
 
 @pytest.mark.parametrize(
@@ -74,5 +74,15 @@ def test_cli_errors_exit_2_and_write_nothing(tmp_path, flag, message):
 
 
 def test_default_workdir_names_config_and_variant():
-    assert jmain.default_workdir("configs/vit.py") == os.path.join("runs", "vit-default")
-    assert jmain.default_workdir("configs/pyra.py:vit_b16,high") == os.path.join("runs", "pyra-vit_b16_high")
+    assert cli.default_workdir("configs/vit.py") == os.path.join("runs", "vit-default")
+    assert cli.default_workdir("configs/pyra.py:vit_b16,high") == os.path.join("runs", "pyra-vit_b16_high")
+
+
+def test_sweep_task_with_bad_batch_size_exits_2_and_writes_nothing(tmp_path):
+    """A task that trains several runs (ad blending's click models) gets the loop's checks up front."""
+    workdir = tmp_path / "run"
+    proc = testing.run_main("configs/ad_blending.py:smoke", str(workdir), "--config.batch_size=12", num_devices=8)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "batch_size=12 must be a positive multiple of the data-parallel size 8" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not workdir.exists()

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 
 import numpy as np
+from etils import epath
 
 from jdjax.nn.ctr.features import (
     _KINDS,
@@ -130,20 +130,19 @@ class FeatureMap:
             raise ValueError(f"feature map has no vocabulary for tables {sorted(missing)}; rebuild it.")
         return cls(features, vocabularies)
 
-    def save(self, path: str) -> None:
-        """Writes the map as JSON (atomically: a temporary file renamed into place)."""
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_json(), f)
-        os.replace(tmp, path)
+    def save(self, path) -> None:
+        """Writes the map as JSON to `path` (local or remote, via etils.epath), atomically: a
+        temporary file renamed into place."""
+        path = epath.Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json()))
+        tmp.replace(path)
 
     @classmethod
-    def load(cls, path: str) -> FeatureMap:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"feature map {path!r} does not exist; build it from the training data first.")
+    def load(cls, path) -> FeatureMap:
+        if not epath.Path(path).exists():
+            raise FileNotFoundError(f"feature map {str(path)!r} does not exist; build it from the training data first.")
         try:
-            with open(path) as f:
-                data = json.load(f)
-            return cls.from_json(data)
+            return cls.from_json(json.loads(epath.Path(path).read_text()))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"feature map {path!r} is corrupt ({type(e).__name__}: {e}); delete it and rebuild.") from e

@@ -36,30 +36,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 VARIANTS = {"competition": 0.6, "complementarity": -0.6, "none": 0.0}  # gamma per variant
-
-
-def env_config(variant: str = "competition") -> ml_collections.ConfigDict:
-    """Default environment parameters (a ConfigDict section `env` of configs/ad_blending.py)."""
-    c = ml_collections.ConfigDict()
-    c.variant = variant  # competition | complementarity | none  (sets gamma)
-    c.num_slots = 10  # S
-    c.ad_slots = (1, 4, 7)  # slot indices that may show an ad (K = 3)
-    c.num_ads = 6  # N candidate ads per request
-    c.num_categories = 8  # C
-    c.feature_dim = 8  # D
-    c.user_scale = 2.0
-    c.ad_bias = -1.5  # type bias of ads (ads are less relevant than organic items)
-    c.organic_bias = -1.0
-    c.position_decay = 0.85
-    c.anchor_share = 0.5  # chance that an ad / organic item has the page's anchor category
-    c.bid_mu = 0.0  # bids ~ LogNormal(bid_mu, bid_sigma)
-    c.bid_sigma = 0.5
-    c.log_ad_rate = 0.6  # logging policy: chance that an ad slot shows an ad
-    return c
 
 
 def env_errors(env) -> list[str]:

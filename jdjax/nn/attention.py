@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdjax.nn.lora import LoRA, check_lora_targets
+from jdjax.nn.lora import LoRAConfig, lora_delta
 
 Dtype = Any
 
@@ -32,10 +31,7 @@ class MultiHeadAttention(nn.Module):
       num_heads: H; the width C must divide by it.
       qkv_bias: whether the fused projection has a bias.
       attention_dropout: dropout on the attention weights (train mode).
-      lora_rank: 0 (off) or the LoRA rank.
-      lora_alpha: None (no scaling, PYRA/TempMe) or alpha (scale alpha / rank).
-      lora_dropout: dropout on the LoRA input.
-      lora_targets: which projections carry LoRA; here 'qkv' and/or 'out'.
+      lora: LoRA on the projections; here the targets 'qkv' and/or 'out' apply.
       kernel_init / out_kernel_init: initialisers of the qkv and output kernels.
     """
 
@@ -44,26 +40,9 @@ class MultiHeadAttention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_dropout: float = 0.0
-    lora_rank: int = 0
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.0
-    lora_targets: Sequence[str] = ("qkv",)
+    lora: LoRAConfig = LoRAConfig()
     kernel_init: Any = nn.initializers.xavier_uniform()
     out_kernel_init: Any = nn.initializers.xavier_uniform()
-
-    def _lora(self, name, features, num_in_axes, in_names, out_names):
-        return LoRA(
-            features,
-            self.lora_rank,
-            num_in_axes=num_in_axes,
-            alpha=self.lora_alpha,
-            dropout=self.lora_dropout,
-            in_names=in_names,
-            out_names=out_names,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name=name,
-        )
 
     @nn.compact
     def __call__(self, x, key_bias=None, mask=None, deterministic: bool = True):
@@ -83,7 +62,6 @@ class MultiHeadAttention(nn.Module):
         c = x.shape[-1]
         if c % self.num_heads:
             raise ValueError(f"width {c} is not divisible by num_heads={self.num_heads}.")
-        targets = check_lora_targets(self.lora_targets) if self.lora_rank else ()
         head_dim = c // self.num_heads
         qkv = nn.DenseGeneral(
             (3, self.num_heads, head_dim),
@@ -94,10 +72,10 @@ class MultiHeadAttention(nn.Module):
             bias_init=logical(nn.initializers.zeros, ("qkv", "heads", "kv")),
             name="qkv",
         )(x)  # [B, N, 3, H, Dh]
-        if "qkv" in targets:
-            qkv = qkv + self._lora("qkv_lora", (3, self.num_heads, head_dim), 1, ("embed",), ("qkv", "heads", "kv"))(
-                x, deterministic
-            )
+        lora_kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, deterministic=deterministic)
+        if self.lora.applies_to("qkv"):
+            qkv = qkv + lora_delta(self.lora, "qkv", x, (3, self.num_heads, head_dim), ("embed",),
+                                   ("qkv", "heads", "kv"), **lora_kw)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, Dh] each
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(head_dim).astype(jnp.float32)
         if key_bias is not None:
@@ -116,6 +94,6 @@ class MultiHeadAttention(nn.Module):
             bias_init=logical(nn.initializers.zeros, ("embed",)),
             name="out",
         )(heads)  # [B, N, C]
-        if "out" in targets:
-            out = out + self._lora("out_lora", (c,), 2, ("heads", "kv"), ("embed",))(heads, deterministic)
+        if self.lora.applies_to("out"):
+            out = out + lora_delta(self.lora, "out", heads, (c,), ("heads", "kv"), ("embed",), **lora_kw)
         return out, k

@@ -1,7 +1,7 @@
 """CLIP (OpenAI layout): image and text towers built from the ViT encoder block, and the joint model.
 
 Both towers use `jdjax.nn.vit.EncoderBlock` with QuickGELU and LayerNorm eps 1e-5; the image
-tower has the same token-reduction hook as the ViT (ToMe / PYRA, schedule `merge_r`).
+tower has the same token-reduction hook as the ViT (ToMe / PYRA, `merge: MergeConfig`).
 
 Parameter tree of `CLIP` (C = vision width, D = text width, E = embed_dim, P patch,
 N = 1 + (S/P)^2, T = context_length, V = vocab_size, M = 4C / 4D):
@@ -24,21 +24,23 @@ post_layernorm -> ln_post, final_layer_norm -> ln_final, visual/text_projection 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jdjax.merging import schedules
 from jdjax.nn.attention import logical
+from jdjax.nn.lora import LoRAConfig
 from jdjax.nn.vit import (
+    ImageEncoder,
+    MergeConfig,
+    encoder_block_kwargs,
     encoder_stack,
-    final_sizes,
     grid_pos_embedding,
     image_grid,
+    image_token_counts,
     layer_norm,
-    merge_schedule,
+    merge_info,
     patch_embedding,
 )
 
@@ -72,25 +74,11 @@ def _normal(std: float):
     return nn.initializers.normal(std)
 
 
-def _block_kwargs(tower: nn.Module, num_heads: int, mlp_dim: int, merging: bool) -> dict:
-    """EncoderBlock keyword arguments shared by both towers (only the image tower merges)."""
-    merge = dict(
-        merge_mode=tower.merge_mode, merger=tower.merger, prop_attn=tower.prop_attn,
-        trace_source=tower.trace_source, pyra_ln_eps=tower.pyra_ln_eps,
-    ) if merging else dict(prop_attn=False)
-    return dict(
-        num_heads=num_heads, mlp_dim=mlp_dim, dropout=0.0, ln_eps=tower.ln_eps, dtype=tower.dtype,
-        param_dtype=tower.param_dtype, activation=tower.activation, qkv_bias=True,
-        attention_dropout=tower.attention_dropout, drop_path=tower.drop_path, class_token=True,
-        lora_rank=tower.lora_rank, lora_alpha=tower.lora_alpha, lora_dropout=tower.lora_dropout,
-        lora_targets=tuple(tower.lora_targets), **merge,
-    )
-
-
-class CLIPVisionTower(nn.Module):
+class CLIPVisionTower(ImageEncoder):
     """Patches (no bias) + class embedding + positions -> ln_pre -> blocks -> ln_post(CLS) -> proj.
 
-    Attributes: see CLIP; `merge_r` is the per-layer token-merging schedule.
+    Attributes: see CLIP; attention_dropout, drop_path, merge, lora, remat, scan are keyword-only
+    (jdjax.nn.vit.ImageEncoder).
     """
 
     embed_dim: int = 512
@@ -103,33 +91,8 @@ class CLIPVisionTower(nn.Module):
     ln_eps: float = 1e-5
     activation: str = "quick_gelu"
     pos_interpolation: str | None = None
-    attention_dropout: float = 0.0
-    drop_path: float = 0.0
-    merge_r: int | Sequence[int] = 0
-    merge_mode: str = "tome"
-    merger: Any = None
-    prop_attn: bool = True
-    trace_source: bool = False
-    pyra_ln_eps: float = 1e-5
-    lora_rank: int = 0
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.0
-    lora_targets: Sequence[str] = ("qkv",)
-    remat: bool = False
-    scan: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-
-    def schedule(self) -> list[int]:
-        return merge_schedule(self.merge_r, self.depth)
-
-    def token_counts(self, image_size: int | tuple[int, int] | None = None) -> list[int]:
-        """[N_0, N_1, ..., N_L]: tokens entering the first block and leaving each block (static)."""
-        grid = image_grid(image_size if image_size is not None else self.image_size, self.patch_size)
-        if grid is None:
-            raise ValueError("token_counts needs an image_size (argument or model attribute).")
-        n0 = 1 + grid[0] * grid[1]
-        return [n0] + schedules.token_counts(self.schedule(), n0, protected=1)
 
     @nn.compact
     def __call__(self, images, train: bool = False, return_info: bool = False):
@@ -137,7 +100,7 @@ class CLIPVisionTower(nn.Module):
 
         With return_info: (features, info) with info['tokens'] [B, N_L, C] (encoder output before
         ln_post, = Hugging Face's vision last_hidden_state), info['size'] [B, N_L, 1] and, with
-        trace_source, info['source'].
+        merge.trace_source, info['source'].
         """
         b, c = images.shape[0], self.width
         scale = c**-0.5
@@ -153,19 +116,13 @@ class CLIPVisionTower(nn.Module):
         x = x + pos.astype(x.dtype)[None]
         x = layer_norm("ln_pre", self.ln_eps, self.dtype, self.param_dtype)(x)
         x, size, source = encoder_stack(
-            x, _block_kwargs(self, self.num_heads, self.mlp_dim or 4 * c, merging=True), self.schedule(),
-            deterministic=not train, remat=self.remat, scan=self.scan,
+            x, encoder_block_kwargs(self, self.num_heads, self.mlp_dim or 4 * c, merge=self.merge),
+            self.merge.schedule(self.depth), deterministic=not train, remat=self.remat, scan=self.scan,
         )  # [B, N_L, C]
         pooled = layer_norm("ln_post", self.ln_eps, self.dtype, self.param_dtype)(x[:, 0])  # [B, C]
         proj = self.param("proj", logical(_normal(scale), ("embed", None)), (c, self.embed_dim), self.param_dtype)
         out = (pooled @ proj.astype(self.dtype)).astype(jnp.float32)  # [B, E]
-        if not return_info:
-            return out
-        info = {"tokens": x, "size": final_sizes(x, size)}
-        if self.trace_source:
-            info["source"] = source if source is not None else jnp.broadcast_to(
-                jnp.eye(x.shape[1], dtype=jnp.float32), (b, x.shape[1], x.shape[1]))
-        return out, info
+        return (out, merge_info(x, size, source, self.merge.trace_source)) if return_info else out
 
 
 class CLIPTextTower(nn.Module):
@@ -189,10 +146,7 @@ class CLIPTextTower(nn.Module):
     eot_token_id: int | None = None
     attention_dropout: float = 0.0
     drop_path: float = 0.0
-    lora_rank: int = 0
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.0
-    lora_targets: Sequence[str] = ("qkv",)
+    lora: LoRAConfig = LoRAConfig()
     remat: bool = False
     scan: bool = False
     dtype: Dtype = jnp.float32
@@ -221,7 +175,7 @@ class CLIPTextTower(nn.Module):
         if mask is not None:
             attn_mask = attn_mask & mask.astype(bool)[:, None, None, :]  # [B, 1, T, T]
         x, _, _ = encoder_stack(
-            x, _block_kwargs(self, self.num_heads, self.mlp_dim or 4 * d, merging=False), [0] * self.depth,
+            x, encoder_block_kwargs(self, self.num_heads, self.mlp_dim or 4 * d), [0] * self.depth,
             mask=attn_mask, deterministic=not train, remat=self.remat, scan=self.scan,
         )  # [B, T, D]
         x = layer_norm("ln_final", self.ln_eps, self.dtype, self.param_dtype)(x)
@@ -252,10 +206,8 @@ class CLIP(nn.Module):
       ln_eps, activation: 1e-5 and 'quick_gelu' for OpenAI CLIP (HF: layer_norm_eps, hidden_act).
       eot_token_id: text pooling position; None = argmax(ids) (see CLIPTextTower).
       pos_interpolation: resample the image position embedding for another resolution.
-      merge_r, merge_mode, merger, prop_attn, trace_source, pyra_ln_eps: the image tower's
-        token-reduction hook (the text tower never merges).
-      lora_rank, lora_alpha, lora_dropout, lora_targets: LoRA in both towers (text_lora=False:
-        image tower only).
+      merge: the image tower's token merging (MergeConfig; the text tower never merges).
+      lora: LoRA in both towers (LoRAConfig; text_lora=False: image tower only).
       remat, scan, dtype, param_dtype: as in ViT.
     """
 
@@ -278,16 +230,8 @@ class CLIP(nn.Module):
     pos_interpolation: str | None = None
     attention_dropout: float = 0.0
     drop_path: float = 0.0
-    merge_r: int | Sequence[int] = 0
-    merge_mode: str = "tome"
-    merger: Any = None
-    prop_attn: bool = True
-    trace_source: bool = False
-    pyra_ln_eps: float = 1e-5
-    lora_rank: int = 0
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.0
-    lora_targets: Sequence[str] = ("qkv",)
+    merge: MergeConfig = MergeConfig()
+    lora: LoRAConfig = LoRAConfig()
     text_lora: bool = True
     remat: bool = False
     scan: bool = False
@@ -295,20 +239,18 @@ class CLIP(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
-        lora = dict(lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, lora_targets=tuple(self.lora_targets))
         common = dict(embed_dim=self.embed_dim, ln_eps=self.ln_eps, activation=self.activation,
                       attention_dropout=self.attention_dropout, drop_path=self.drop_path, remat=self.remat,
-                      scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype, **lora)
+                      scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype)
         self.visual = CLIPVisionTower(
             image_size=self.image_size, patch_size=self.patch_size, width=self.vision_width, depth=self.vision_layers,
             num_heads=self.vision_heads, mlp_dim=self.vision_mlp_dim, pos_interpolation=self.pos_interpolation,
-            merge_r=self.merge_r, merge_mode=self.merge_mode, merger=self.merger, prop_attn=self.prop_attn,
-            trace_source=self.trace_source, pyra_ln_eps=self.pyra_ln_eps, lora_rank=self.lora_rank, **common,
+            merge=self.merge, lora=self.lora, **common,
         )
         self.text = CLIPTextTower(
             context_length=self.context_length, vocab_size=self.vocab_size, width=self.text_width,
             depth=self.text_layers, num_heads=self.text_heads, mlp_dim=self.text_mlp_dim,
-            eot_token_id=self.eot_token_id, lora_rank=self.lora_rank if self.text_lora else 0, **common,
+            eot_token_id=self.eot_token_id, lora=self.lora if self.text_lora else LoRAConfig(), **common,
         )
         self.logit_scale = self.param(
             "logit_scale", logical(nn.initializers.constant(math.log(1 / 0.07)), ()), (), self.param_dtype
@@ -316,11 +258,8 @@ class CLIP(nn.Module):
 
     def token_counts(self, image_size=None) -> list[int]:
         """Image tower tokens [N_0, ..., N_L] (static, from the schedule)."""
-        grid = image_grid(image_size if image_size is not None else self.image_size, self.patch_size)
-        if grid is None:
-            raise ValueError("token_counts needs an image_size (argument or model attribute).")
-        n0 = 1 + grid[0] * grid[1]
-        return [n0] + schedules.token_counts(merge_schedule(self.merge_r, self.vision_layers), n0, protected=1)
+        size = image_size if image_size is not None else self.image_size
+        return image_token_counts(size, self.patch_size, self.vision_layers, self.merge)
 
     def encode_image(self, images, train: bool = False, return_info: bool = False):
         """[B, H, W, 3] -> [B, E] (not normalised); see CLIPVisionTower."""

@@ -12,13 +12,18 @@ as [3C, rank]: transpose both; B's 3C rows are in (3, H, Dh) order, reshape to [
 Parameter layout: the LoRA of a base module named `X` is a sibling module `X_lora` holding
 `a` and `b`; e.g. `block0/attn/qkv/{kernel,bias}` and `block0/attn/qkv_lora/{a,b}`.
 `fold_lora` relies on that naming, and `lora_trainable_pattern` selects those parameters.
+
+Models take one `LoRAConfig` (rank, alpha, dropout, targets); `lora_delta` adds the `X_lora`
+child of a base projection `X` when the config targets it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
+from numbers import Integral
 from typing import Any
 
 import flax.linen as nn
@@ -46,11 +51,43 @@ def kaiming_uniform_sqrt5(num_in_axes: int = 1):
     return init
 
 
-def check_lora_targets(targets: Sequence[str]) -> tuple[str, ...]:
-    bad = [t for t in targets if t not in LORA_TARGETS]
-    if bad:
-        raise ValueError(f"lora_targets {list(targets)} has unknown entries {bad}; choose from {LORA_TARGETS}.")
-    return tuple(targets)
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA on an encoder block's projections (hashable, a Flax module attribute); rank 0 = off.
+
+    Attributes:
+      rank: 0 (off) or the rank r of A [*in, r] and B [r, *out].
+      alpha: None (no scaling, PYRA / TempMe) or alpha, giving scale alpha / rank.
+      dropout: dropout rate on the LoRA input (train mode only).
+      targets: projections that carry LoRA, among LORA_TARGETS (a list is stored as a tuple).
+    """
+
+    rank: int = 0
+    alpha: float | None = None
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("qkv",)
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, Integral) or self.rank < 0:
+            raise ValueError(f"LoRAConfig.rank must be an int >= 0 (0 turns LoRA off), got {self.rank!r}.")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"LoRAConfig.alpha must be None (no scaling) or positive, got {self.alpha!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}.")
+        if isinstance(self.targets, str):
+            raise ValueError(
+                f"LoRAConfig.targets is a sequence of names; write ({self.targets!r},), not {self.targets!r}."
+            )
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad:
+            raise ValueError(
+                f"LoRAConfig.targets {list(self.targets)} has unknown entries {bad}; choose from {LORA_TARGETS}."
+            )
+        object.__setattr__(self, "targets", tuple(self.targets))
+
+    def applies_to(self, name: str) -> bool:
+        """Whether the projection `name` ('qkv', 'out', 'fc1', 'fc2') carries LoRA."""
+        return self.rank > 0 and name in self.targets
 
 
 class LoRA(nn.Module):
@@ -111,6 +148,16 @@ class LoRA(nn.Module):
         return out * jnp.asarray(self.scale, self.dtype) if self.alpha is not None else out
 
 
+def lora_delta(config: LoRAConfig, name: str, x, features: tuple[int, ...], in_names: tuple, out_names: tuple, *,
+               dtype, param_dtype, deterministic: bool):
+    """The LoRA delta [..., *features] of the base projection `name` on x [..., *in], as the child
+    `{name}_lora` of the calling compact module (len(in_names) trailing input axes)."""
+    return LoRA(
+        features, config.rank, num_in_axes=len(in_names), alpha=config.alpha, dropout=config.dropout,
+        in_names=in_names, out_names=out_names, dtype=dtype, param_dtype=param_dtype, name=name + LORA_SUFFIX,
+    )(x, deterministic)
+
+
 def lora_delta_kernel(a: jax.Array, b: jax.Array, kernel_shape: tuple[int, ...], scale: float = 1.0) -> jax.Array:
     """scale * A B reshaped to the base kernel's shape (float32).
 
@@ -134,11 +181,11 @@ def fold_lora(params: Mapping, alpha: float | None = None) -> dict:
     """Folds every `X_lora/{a,b}` into its sibling `X/kernel` and drops the LoRA parameters.
 
     Args:
-      params: the (unboxed) parameter tree of a model built with `lora_rank > 0`.
-      alpha: the model's `lora_alpha` (None: no scaling). The rank is read from `a`.
+      params: the (unboxed) parameter tree of a model built with `LoRAConfig(rank > 0)`.
+      alpha: the model's `LoRAConfig.alpha` (None: no scaling). The rank is read from `a`.
 
     Returns:
-      A new tree for the same model with `lora_rank=0`; its outputs equal the LoRA model's
+      A new tree for the same model with `LoRAConfig()` (rank 0); its outputs equal the LoRA model's
       in eval mode (up to float rounding).
     """
 

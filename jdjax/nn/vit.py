@@ -15,9 +15,9 @@ Parameter tree of `ViT` (C width, P patch, N = 1 + (S/P)^2 tokens, M mlp_dim, K 
     embedding/{kernel [P, P, 3, C], bias [C]}      cls [1, 1, C]      pos_embedding [1, N, C]
     block{i}/ln1/{scale, bias} [C]
     block{i}/attn/qkv/{kernel [C, 3, H, Dh], bias [3, H, Dh]}   attn/out/{kernel [H, Dh, C], bias [C]}
-    block{i}/attn/qkv_lora/{a [C, rank], b [rank, 3, H, Dh]}     (lora_rank > 0)
+    block{i}/attn/qkv_lora/{a [C, rank], b [rank, 3, H, Dh]}     (lora.rank > 0)
     block{i}/ln2/{scale, bias} [C]     block{i}/mlp/fc1/{kernel [C, M], bias [M]}   mlp/fc2/{kernel [M, C], bias [C]}
-    block{i}/merge/{pyra_w_r [r_i, 1], pyra_w_d [C], pyra_norm_scale [C], pyra_norm_bias [C]}  (merge_mode='pyra', r_i > 0)
+    block{i}/merge/{pyra_w_r [r_i, 1], pyra_w_d [C], pyra_norm_scale [C], pyra_norm_bias [C]}  (merge.mode='pyra', r_i > 0)
     encoder_norm/{scale, bias} [C]     head/{kernel [C, K], bias [K]}
 
 With `scan=True` the blocks are one module `blocks` whose parameters have a leading [L] axis.
@@ -25,11 +25,13 @@ With `scan=True` the blocks are one module `blocks` whose parameters have a lead
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Sequence
 from typing import Any
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -37,7 +39,7 @@ import numpy as np
 
 from jdjax.merging import pyra, schedules, tome
 from jdjax.nn.attention import MultiHeadAttention, logical
-from jdjax.nn.lora import LoRA, check_lora_targets
+from jdjax.nn.lora import LoRAConfig, lora_delta
 
 Dtype = Any
 
@@ -58,6 +60,54 @@ ACTIVATIONS = {
 }
 
 MERGE_MODES = ("tome", "pyra")
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeConfig:
+    """Token merging in the encoder blocks (ToMe / PYRA); hashable, so a Flax module attribute.
+
+    Attributes:
+      r: tokens merged per layer: an int (every layer) or a sequence of ints, zero-padded to the
+        depth (stored as a tuple); 0 merges nothing. For ToMe's decreasing schedule pass
+        `schedules.parse_r((r, inflect), depth)`.
+      mode: 'tome' (size-weighted average) or 'pyra' (PYRA's modulated merge, with parameters).
+      merger: the hook's module class, None for TokenMerger; a replacement takes the same
+        attributes (r, merge, param_dtype) and call signature.
+      prop_attn: add log(size) to the attention logits once tokens were merged.
+      trace_source: carry the [B, N, N0] source map through the merges (info['source']).
+      pyra_ln_eps: epsilon of PYRA's LayerNorm.
+      class_token / distill_token: protected tokens at index 0 / 1 (ViT and CLIP: class token only).
+    """
+
+    r: int | tuple[int, ...] = 0
+    mode: str = "tome"
+    merger: Any = None
+    prop_attn: bool = True
+    trace_source: bool = False
+    pyra_ln_eps: float = 1e-5
+    class_token: bool = True
+    distill_token: bool = False
+
+    def __post_init__(self):
+        if self.mode not in MERGE_MODES:
+            raise ValueError(f"MergeConfig.mode must be one of {MERGE_MODES}, got {self.mode!r}.")
+        if not self.pyra_ln_eps > 0:
+            raise ValueError(f"MergeConfig.pyra_ln_eps must be positive, got {self.pyra_ln_eps!r}.")
+        if isinstance(self.r, Sequence) and not isinstance(self.r, str):
+            object.__setattr__(self, "r", tuple(self.r))
+            if self.r:
+                schedules.parse_r(list(self.r), len(self.r))  # raises on entries that are not ints >= 0
+        else:
+            schedules.parse_r(self.r, 1)  # raises unless an int >= 0
+
+    @property
+    def protected(self) -> int:
+        """Tokens the matching never merges (class + distill)."""
+        return int(self.class_token) + int(self.distill_token)
+
+    def schedule(self, depth: int) -> list[int]:
+        """The requested r of each of `depth` layers (before the 50% clamp)."""
+        return schedules.parse_r(list(self.r) if isinstance(self.r, tuple) else self.r, depth)
 
 
 def vit_config(name: str) -> dict:
@@ -96,16 +146,6 @@ def drop_path(module: nn.Module, x, rate: float, deterministic: bool):
     keep = 1.0 - rate
     mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
-
-
-def merge_schedule(merge_r: int | Sequence[int], depth: int) -> list[int]:
-    """One r per layer: an int gives the same r everywhere; a list is zero-padded to `depth`.
-
-    For ToMe's decreasing schedule pass `schedules.parse_r((r, inflect), depth)`.
-    """
-    if isinstance(merge_r, Sequence) and not isinstance(merge_r, str):
-        return schedules.parse_r(list(merge_r), depth)
-    return schedules.parse_r(merge_r, depth)
 
 
 # ----------------------------------------------------------------------------- position embeddings
@@ -189,12 +229,14 @@ def interpolate_pos_embedding(
         raise ValueError(f"old_grid {old_grid} does not hold the {num_patches} patch positions of pos.")
     if old_grid == new_grid:
         return pos
-    prefix, grid = table[:num_prefix_tokens], table[num_prefix_tokens:].reshape(*old_grid, -1)  # [h, w, C]
+    prefix = table[:num_prefix_tokens]  # [num_prefix_tokens, C]
+    grid = einops.rearrange(table[num_prefix_tokens:], "(h w) c -> h w c", h=old_grid[0])  # [h, w, C]
     wh = jnp.asarray(resize_matrix(old_grid[0], new_grid[0], method, cubic_a), jnp.float32)  # [h', h]
     ww = jnp.asarray(resize_matrix(old_grid[1], new_grid[1], method, cubic_a), jnp.float32)  # [w', w]
     hi = jax.lax.Precision.HIGHEST
     grid = jnp.einsum("Hh,Ww,hwc->HWc", wh, ww, grid.astype(jnp.float32), precision=hi)  # [h', w', C]
-    out = jnp.concatenate([prefix.astype(jnp.float32), grid.reshape(-1, grid.shape[-1])], axis=0).astype(pos.dtype)
+    grid = einops.rearrange(grid, "h w c -> (h w) c")  # [h' w', C]
+    out = jnp.concatenate([prefix.astype(jnp.float32), grid], axis=0).astype(pos.dtype)
     return out[None] if pos.ndim == 3 else out
 
 
@@ -253,7 +295,7 @@ def patch_embedding(images, patch_size: int, width: int, *, use_bias: bool, name
                     kernel_init=None):
     """images [B, H, W, 3] -> (tokens [B, (H/P)(W/P), C], grid (H/P, W/P)); kernel [P, P, 3, C] (HWIO)."""
     p = patch_size
-    b, height, width_px, _ = images.shape
+    _, height, width_px, _ = images.shape
     if height % p or width_px % p:
         raise ValueError(f"image size {height}x{width_px} is not divisible by patch_size={p}.")
     x = nn.Conv(
@@ -268,7 +310,7 @@ def patch_embedding(images, patch_size: int, width: int, *, use_bias: bool, name
         bias_init=logical(nn.initializers.zeros, ("embed",)),
         name=name,
     )(images.astype(dtype))  # [B, H/P, W/P, C]
-    return x.reshape(b, -1, width), (height // p, width_px // p)
+    return einops.rearrange(x, "b h w c -> b (h w) c"), (height // p, width_px // p)
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -282,15 +324,11 @@ class MlpBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     activation: str = "gelu"
-    lora_rank: int = 0
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.0
-    lora_targets: Sequence[str] = ("qkv",)
+    lora: LoRAConfig = LoRAConfig()
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):  # [B, N, C] -> [B, N, C]
         c = x.shape[-1]
-        targets = check_lora_targets(self.lora_targets) if self.lora_rank else ()
 
         def dense(h, features, axes, name):
             y = nn.Dense(
@@ -301,12 +339,9 @@ class MlpBlock(nn.Module):
                 bias_init=logical(nn.initializers.normal(1e-6), axes[1:]),
                 name=name,
             )(h)
-            if name in targets:
-                y = y + LoRA(
-                    (features,), self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
-                    in_names=axes[:1], out_names=axes[1:], dtype=self.dtype, param_dtype=self.param_dtype,
-                    name=f"{name}_lora",
-                )(h, deterministic)
+            if self.lora.applies_to(name):
+                y = y + lora_delta(self.lora, name, h, (features,), axes[:1], axes[1:], dtype=self.dtype,
+                                   param_dtype=self.param_dtype, deterministic=deterministic)
             return y
 
         h = activation_fn(self.activation)(dense(x, self.mlp_dim, ("embed", "mlp"), "fc1"))
@@ -319,35 +354,29 @@ class TokenMerger(nn.Module):
 
     mode 'tome': `tome.merge_wavg`. mode 'pyra': `pyra.pyra_merge_wavg` with this layer's
     parameters pyra_w_r [r, 1] ~ U(-1, 1), pyra_w_d [C] = 0, pyra_norm_scale [C] = 1,
-    pyra_norm_bias [C] = 0 (LayerNorm eps `pyra_ln_eps`); at init it equals ToMe.
+    pyra_norm_bias [C] = 0 (LayerNorm eps `merge.pyra_ln_eps`); at init it equals ToMe.
     r is the static request; the 50% clamp gives the r actually merged (PYRA's W_r has that
     many rows, so a PYRA schedule should not hit the clamp).
 
-    Replace it by passing another module class with the same attributes and call signature
-    as the `merger` attribute of EncoderBlock / ViT / CLIP.
+    Replace it by another module class with the same attributes and call signature, given as
+    `MergeConfig(merger=...)`.
     """
 
     r: int
-    mode: str = "tome"
-    class_token: bool = True
-    distill_token: bool = False
-    trace_source: bool = False
-    pyra_ln_eps: float = 1e-5
+    merge: MergeConfig = MergeConfig()
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, keys, size=None, source=None, deterministic: bool = True):
         """x [B, N, C], keys [B, N, H, Dh], size [B, N, 1] or None, source [B, N, N0] or None
         -> (x [B, N - r, C], size [B, N - r, 1] float32, source [B, N - r, N0] or None)."""
-        if self.mode not in MERGE_MODES:
-            raise ValueError(f"merge_mode must be one of {MERGE_MODES}, got {self.mode!r}.")
         metric = keys.astype(jnp.float32).mean(axis=2)  # [B, N, Dh]
         matching = tome.bipartite_soft_matching(
-            metric, self.r, class_token=self.class_token, distill_token=self.distill_token
+            metric, self.r, class_token=self.merge.class_token, distill_token=self.merge.distill_token
         )
         if matching.r == 0:
             return x, size, source
-        if self.mode == "tome":
+        if self.merge.mode == "tome":
             merged, size_out = tome.merge_wavg(x, size, matching)
         else:
             c = x.shape[-1]
@@ -356,8 +385,9 @@ class TokenMerger(nn.Module):
             w_d = self.param("pyra_w_d", logical(nn.initializers.zeros, ("embed",)), (c,), self.param_dtype)
             scale = self.param("pyra_norm_scale", logical(nn.initializers.ones, ("norm",)), (c,), self.param_dtype)
             bias = self.param("pyra_norm_bias", logical(nn.initializers.zeros, ("norm",)), (c,), self.param_dtype)
-            merged, size_out = pyra.pyra_merge_wavg(x, size, matching, w_r, w_d, scale, bias, eps=self.pyra_ln_eps)
-        if self.trace_source:
+            eps = self.merge.pyra_ln_eps
+            merged, size_out = pyra.pyra_merge_wavg(x, size, matching, w_r, w_d, scale, bias, eps=eps)
+        if self.merge.trace_source:
             source = tome.merge_source(matching, x, source)
         return merged, size_out, source
 
@@ -373,12 +403,9 @@ class EncoderBlock(nn.Module):
       qkv_bias: bias on the fused qkv projection.
       attention_dropout: on the attention weights. drop_path: stochastic depth rate.
       r: tokens this block merges (static); 0 skips the hook entirely.
-      merge_mode: 'tome' or 'pyra'; merger: the hook's module class (default TokenMerger).
-      prop_attn: add log(size) to the attention logits once sizes exist.
-      class_token / distill_token: protected tokens at index 0 / 1.
-      trace_source: carry the [B, N, N0] source map through merges.
-      lora_*: LoRA rank (0 = off), alpha (None = no scaling), input dropout, and targets
-        among 'qkv', 'out', 'fc1', 'fc2'.
+      merge: the token-reduction hook (mode, merger, prop_attn, trace_source, ...); its r is the
+        model's schedule, of which this block gets `r`.
+      lora: LoRA on the block's projections (targets among 'qkv', 'out', 'fc1', 'fc2').
     """
 
     num_heads: int
@@ -392,17 +419,8 @@ class EncoderBlock(nn.Module):
     attention_dropout: float = 0.0
     drop_path: float = 0.0
     r: int = 0
-    merge_mode: str = "tome"
-    merger: Any = None
-    prop_attn: bool = True
-    class_token: bool = True
-    distill_token: bool = False
-    trace_source: bool = False
-    pyra_ln_eps: float = 1e-5
-    lora_rank: int = 0
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.0
-    lora_targets: Sequence[str] = ("qkv",)
+    merge: MergeConfig = MergeConfig()
+    lora: LoRAConfig = LoRAConfig()
 
     @nn.compact
     def __call__(self, x, size=None, source=None, mask=None, deterministic: bool = True):
@@ -418,28 +436,35 @@ class EncoderBlock(nn.Module):
         """
         if self.r and mask is not None:
             raise ValueError("token merging (r > 0) cannot be combined with an attention mask.")
-        lora = dict(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                    lora_targets=tuple(self.lora_targets))
-        key_bias = tome.proportional_attention_bias(size) if (self.prop_attn and size is not None) else None
+        key_bias = tome.proportional_attention_bias(size) if (self.merge.prop_attn and size is not None) else None
         h = layer_norm("ln1", self.ln_eps, self.dtype, self.param_dtype)(x)
         h, keys = MultiHeadAttention(
             self.num_heads, qkv_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-            attention_dropout=self.attention_dropout, name="attn", **lora,
+            attention_dropout=self.attention_dropout, lora=self.lora, name="attn",
         )(h, key_bias=key_bias, mask=mask, deterministic=deterministic)  # [B, N, C], [B, N, H, Dh]
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         x = x + drop_path(self, h, self.drop_path, deterministic)
         if self.r > 0:
-            merger = self.merger or TokenMerger
-            x, size, source = merger(
-                self.r, mode=self.merge_mode, class_token=self.class_token, distill_token=self.distill_token,
-                trace_source=self.trace_source, pyra_ln_eps=self.pyra_ln_eps, param_dtype=self.param_dtype,
-                name="merge",
-            )(x, keys, size, source, deterministic)  # [B, N - r, C]
+            merger = self.merge.merger or TokenMerger
+            x, size, source = merger(self.r, self.merge, self.param_dtype, name="merge")(
+                x, keys, size, source, deterministic
+            )  # [B, N - r, C]
         h = layer_norm("ln2", self.ln_eps, self.dtype, self.param_dtype)(x)
         h = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, activation=self.activation,
-                     name="mlp", **lora)(h, deterministic)
+                     lora=self.lora, name="mlp")(h, deterministic)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         return x + drop_path(self, h, self.drop_path, deterministic), size, source
+
+
+def encoder_block_kwargs(model: nn.Module, num_heads: int, mlp_dim: int, **extra) -> dict:
+    """EncoderBlock attributes read from `model` (ln_eps, dtype, param_dtype, activation,
+    attention_dropout, drop_path, lora), plus num_heads, mlp_dim and `extra`; shared by ViT and
+    the CLIP towers."""
+    return dict(
+        num_heads=num_heads, mlp_dim=mlp_dim, ln_eps=model.ln_eps, dtype=model.dtype, param_dtype=model.param_dtype,
+        activation=model.activation, attention_dropout=model.attention_dropout, drop_path=model.drop_path,
+        lora=model.lora, **extra,
+    )
 
 
 def encoder_stack(
@@ -494,15 +519,55 @@ def encoder_stack(
     return x, size, source
 
 
-def final_sizes(x, size):
-    """size, or ones [B, N, 1] float32 if no merge happened."""
-    return jnp.ones(x.shape[:2] + (1,), jnp.float32) if size is None else size
+def image_token_counts(image_size: int | Sequence[int] | None, patch_size: int, depth: int,
+                       merge: MergeConfig) -> list[int]:
+    """[N_0, N_1, ..., N_L] of a class-token image encoder: tokens entering the first block and
+    leaving each block (static; the schedule after the 50% clamp)."""
+    grid = image_grid(image_size, patch_size)
+    if grid is None:
+        raise ValueError("token_counts needs an image_size (argument or model attribute).")
+    n0 = 1 + grid[0] * grid[1]
+    return [n0] + schedules.token_counts(merge.schedule(depth), n0, protected=merge.protected)
+
+
+def merge_info(x, size, source, trace_source: bool) -> dict:
+    """{'tokens': x [B, N, C], 'size': [B, N, 1] float32 (ones if nothing merged)} and, with
+    trace_source, 'source' [B, N, N0] (the identity if nothing merged)."""
+    b, n = x.shape[:2]
+    info = {"tokens": x, "size": jnp.ones((b, n, 1), jnp.float32) if size is None else size}
+    if trace_source:
+        info["source"] = jnp.broadcast_to(jnp.eye(n, dtype=jnp.float32), (b, n, n)) if source is None else source
+    return info
+
+
+class ImageEncoder(nn.Module, kw_only=True):
+    """The keyword-only attributes and token counts shared by the class-token image encoders that
+    merge tokens (ViT, CLIPVisionTower); a subclass has image_size, patch_size and depth.
+
+    Attributes:
+      attention_dropout, drop_path: as in EncoderBlock.
+      merge: token merging (MergeConfig: schedule r, mode, merger, prop_attn, trace_source, ...).
+      lora: LoRA in every block (jdjax.nn.lora.LoRAConfig).
+      remat, scan: rematerialised blocks; nn.scan over layers (only without merging).
+    """
+
+    attention_dropout: float = 0.0
+    drop_path: float = 0.0
+    merge: MergeConfig = MergeConfig()
+    lora: LoRAConfig = LoRAConfig()
+    remat: bool = False
+    scan: bool = False
+
+    def token_counts(self, image_size: int | tuple[int, int] | None = None) -> list[int]:
+        """[N_0, N_1, ..., N_L]: tokens entering the first block and leaving each block (static)."""
+        size = image_size if image_size is not None else self.image_size
+        return image_token_counts(size, self.patch_size, self.depth, self.merge)
 
 
 # ----------------------------------------------------------------------------- ViT
 
 
-class ViT(nn.Module):
+class ViT(ImageEncoder):
     """Image classifier: patch embedding, class token, learned positions, encoder, head on the class token.
 
     Google/timm layout (pre-LN, exact GELU, LN eps 1e-6, qkv bias). Hugging Face ViT is the same
@@ -516,10 +581,8 @@ class ViT(nn.Module):
       image_size: resolution the position embedding is built for (None: the input's at init).
       pos_interpolation: None (a different input grid is an error), 'bicubic' or 'bilinear'
         to resample the position embedding on the fly (see interpolate_pos_embedding).
-      merge_r: tokens merged per layer: an int (every layer) or a list of ints (zero-padded).
-      merge_mode, merger, prop_attn, trace_source, pyra_ln_eps: the token-reduction hook.
-      lora_rank, lora_alpha, lora_dropout, lora_targets: LoRA (see jdjax.nn.lora).
-      remat, scan: rematerialised blocks; nn.scan over layers (only without merging).
+      activation, qkv_bias: as in EncoderBlock.
+      attention_dropout, drop_path, merge, lora, remat, scan: keyword-only, see ImageEncoder.
     """
 
     num_classes: int
@@ -536,42 +599,6 @@ class ViT(nn.Module):
     pos_interpolation: str | None = None
     activation: str = "gelu"
     qkv_bias: bool = True
-    attention_dropout: float = 0.0
-    drop_path: float = 0.0
-    merge_r: int | Sequence[int] = 0
-    merge_mode: str = "tome"
-    merger: Any = None
-    prop_attn: bool = True
-    trace_source: bool = False
-    pyra_ln_eps: float = 1e-5
-    lora_rank: int = 0
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.0
-    lora_targets: Sequence[str] = ("qkv",)
-    remat: bool = False
-    scan: bool = False
-
-    def schedule(self) -> list[int]:
-        """The requested r per layer (before the 50% clamp)."""
-        return merge_schedule(self.merge_r, self.depth)
-
-    def token_counts(self, image_size: int | tuple[int, int] | None = None) -> list[int]:
-        """[N_0, N_1, ..., N_L]: tokens entering the first block and leaving each block (static)."""
-        grid = image_grid(image_size if image_size is not None else self.image_size, self.patch_size)
-        if grid is None:
-            raise ValueError("token_counts needs an image_size (argument or model attribute).")
-        n0 = 1 + grid[0] * grid[1]
-        return [n0] + schedules.token_counts(self.schedule(), n0, protected=1)
-
-    def block_kwargs(self) -> dict:
-        return dict(
-            num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout, ln_eps=self.ln_eps,
-            dtype=self.dtype, param_dtype=self.param_dtype, activation=self.activation, qkv_bias=self.qkv_bias,
-            attention_dropout=self.attention_dropout, drop_path=self.drop_path, merge_mode=self.merge_mode,
-            merger=self.merger, prop_attn=self.prop_attn, class_token=True, trace_source=self.trace_source,
-            pyra_ln_eps=self.pyra_ln_eps, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout, lora_targets=tuple(self.lora_targets),
-        )
 
     @nn.compact
     def __call__(self, images, train: bool = False, return_info: bool = False):
@@ -579,7 +606,7 @@ class ViT(nn.Module):
 
         With return_info, returns (logits, info) with info['tokens'] [B, N_L, C] (after the final
         LayerNorm, = Hugging Face ViTModel's last_hidden_state), info['size'] [B, N_L, 1] float32
-        and, with trace_source, info['source'] [B, N_L, N_0].
+        and, with merge.trace_source, info['source'] [B, N_L, N_0].
         """
         b = images.shape[0]
         x, grid = patch_embedding(images, self.patch_size, self.width, use_bias=True, name="embedding",
@@ -592,8 +619,10 @@ class ViT(nn.Module):
             leading_one=True,
         )  # [1, N, C]
         x = nn.Dropout(self.dropout)(x + pos.astype(x.dtype), deterministic=not train)
+        blocks = encoder_block_kwargs(self, self.num_heads, self.mlp_dim, dropout=self.dropout, qkv_bias=self.qkv_bias,
+                                      merge=self.merge)
         x, size, source = encoder_stack(
-            x, self.block_kwargs(), self.schedule(), deterministic=not train, remat=self.remat, scan=self.scan
+            x, blocks, self.merge.schedule(self.depth), deterministic=not train, remat=self.remat, scan=self.scan
         )  # [B, N_L, C]
         x = layer_norm("encoder_norm", self.ln_eps, self.dtype, self.param_dtype)(x)
         feature = x[:, 0]  # [B, C]
@@ -608,10 +637,4 @@ class ViT(nn.Module):
                 bias_init=logical(nn.initializers.zeros, ("classes",)),
                 name="head",
             )(feature).astype(jnp.float32)
-        if not return_info:
-            return out
-        info = {"tokens": x, "size": final_sizes(x, size)}
-        if self.trace_source:
-            info["source"] = source if source is not None else jnp.broadcast_to(
-                jnp.eye(x.shape[1], dtype=jnp.float32), (b, x.shape[1], x.shape[1]))
-        return out, info
+        return (out, merge_info(x, size, source, self.merge.trace_source)) if return_info else out

@@ -25,7 +25,6 @@ measure, without the Bernoulli noise); the learned models only choose allocation
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -36,6 +35,8 @@ from jdjax.econ import allocation as al
 from jdjax.econ import page_env, vb_tuning
 from jdjax.models.page_click import make_ctr_fn
 from jdjax.tasks import page_click
+from jdjax.train import sweep
+from jdjax.train.io import as_path, save_figure, write_json, write_text
 from jdjax.train.logging import is_main_process
 
 CLICK_MODELS = {"context": True, "no_context": False}
@@ -54,24 +55,22 @@ def make_generator(name: str):
     raise ValueError(f"auction.generator={name!r}: expected one of {GENERATORS}")
 
 
-def train_click_models(config, workdir: str, log=print) -> dict | None:
-    """Trains (or reuses) both click models; name -> (ctr_fn, results), None if interrupted."""
-    from jdjax.train.checkpoint import read_state
-    from jdjax.train.loop import completed_results, train_and_evaluate
+def train_click_models(config, workdir: str) -> sweep.SweepResult:
+    """Trains (or reuses) both click models as jobs of the sweep runner (click_<name>/)."""
+    from jdjax.train.loop import train_and_evaluate
 
-    out = {}
-    for name, context in CLICK_MODELS.items():
-        sub = os.path.join(workdir, f"click_{name}")
-        results = completed_results(sub)
-        if results is None:
-            log(f"[jdjax] ad_blending: training the {name} click model in {sub}")
-            results = train_and_evaluate(config, sub, page_click.click_model_task(config, context))
-            if results["status"] != "completed":
-                return None
-        model = page_click.build_model(config, context=context)
-        params = jax.tree.map(jnp.asarray, read_state(sub, kind="best")["params"])
-        out[name] = (make_ctr_fn(model, params), results)
-    return out
+    jobs = [sweep.Job(f"click_{name}", lambda sub, context=context: train_and_evaluate(
+        config, sub, page_click.click_model_task(config, context))) for name, context in CLICK_MODELS.items()]
+    return sweep.run_sweep(workdir, jobs, desc="ad_blending")
+
+
+def load_ctr_fn(config, workdir: str, context: bool):
+    """The allocation interface (`make_ctr_fn`) of the val-selected click model in `workdir`."""
+    from jdjax.train.checkpoint import read_state
+
+    model = page_click.build_model(config, context=context)
+    params = jax.tree.map(jnp.asarray, read_state(workdir, kind="best")["params"])
+    return make_ctr_fn(model, params)
 
 
 def sample_auction_pages(config, p: page_env.EnvParams) -> dict[str, page_env.Page]:
@@ -89,7 +88,7 @@ def no_ads_organic_clicks(pages: page_env.Page, p: page_env.EnvParams) -> float:
     return float(jnp.mean(out.organic_clicks))
 
 
-def plot_frontier(frontiers: dict, points: dict, floor: float, path: str) -> None:
+def plot_frontier(frontiers: dict, points: dict, floor: float, path) -> None:
     """Revenue against organic clicks per request: one VB_org sweep per click model, the tuned
     operating points and the baselines as markers, the organic-click floor as a line."""
     import matplotlib
@@ -111,7 +110,7 @@ def plot_frontier(frontiers: dict, points: dict, floor: float, path: str) -> Non
     ax.set_title("Revenue / organic-click frontier (eval pages; labels: VB_org)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -131,24 +130,21 @@ def format_report(click_rows: list[dict], rows: list[dict], notes: list[str]) ->
 
 
 def run(config, workdir: str) -> dict:
-    os.makedirs(workdir, exist_ok=True)
     main = is_main_process()
-    log = print if main else (lambda *_: None)
     a = config.auction
     p = page_env.EnvParams.from_config(config.env)
 
-    models = train_click_models(config, workdir, log)
-    if models is None:
-        log("[jdjax] ad_blending: stopped while training a click model; rerun the same command to resume.")
-        return {"status": "preempted"}
-    click_rows = []
-    for name, (_, res) in models.items():
-        row = {"model": name, **{k: res[f"test/{k}"] for k in ("auc", "logloss", "ad_auc", "organic_auc")}}
-        click_rows.append(row)
-    res = models["context"][1]
-    click_rows.append({"model": "oracle (true CTR)", **{k: res[f"test/oracle_{k}"] for k in ("auc", "logloss", "ad_auc", "organic_auc")}})
-
-    ctr_fns = {name: fn for name, (fn, _) in models.items()}
+    trained = train_click_models(config, workdir)
+    if trained.status != sweep.COMPLETED:
+        return {"status": trained.status, "failed": trained.failed}
+    keys = ("auc", "logloss", "ad_auc", "organic_auc")
+    click_rows, ctr_fns = [], {}
+    for name, context in CLICK_MODELS.items():
+        res = trained.results[f"click_{name}"]
+        click_rows.append({"model": name, **{k: res[f"test/{k}"] for k in keys}})
+        ctr_fns[name] = load_ctr_fn(config, os.path.join(workdir, f"click_{name}"), context)
+    res = trained.results["click_context"]
+    click_rows.append({"model": "oracle (true CTR)", **{k: res[f"test/oracle_{k}"] for k in keys}})
     ctr_fns["oracle"] = al.true_ctr_fn(p)
     pages = sample_auction_pages(config, p)
     generator = make_generator(a.generator)
@@ -221,17 +217,16 @@ def run(config, workdir: str) -> dict:
            "frontier": frontiers, "floor": floors}
     if main:
         points = {r["mechanism"]: r for r in rows if not r["mechanism"].startswith("VCG, oracle")}
-        plot_frontier({k: frontiers[k] for k in ctr_fns}, points, floors["eval"], os.path.join(workdir, "frontier.png"))
-        with open(os.path.join(workdir, "report.md"), "w") as f:
-            f.write(report)
-        with open(os.path.join(workdir, "report.json"), "w") as f:
-            json.dump(out, f, indent=2)
+        root = as_path(workdir)
+        plot_frontier({k: frontiers[k] for k in ctr_fns}, points, floors["eval"], root / "frontier.png")
+        write_text(root / "report.md", report)
+        write_json(root / "report.json", out)
         print("\n" + report, flush=True)
     return out
 
 
 def validate(config) -> list[str]:
-    errors = page_click.click_errors(config)
+    errors = page_click.validate(config)
     a = config.auction
     if a.generator not in GENERATORS:
         errors.append(f"auction.generator={a.generator!r}: expected one of {GENERATORS}")
@@ -245,3 +240,8 @@ def validate(config) -> list[str]:
     if a.golden_evals < 2 or a.spsa_iters < 0 or a.chunk < 1 or a.reserve < 0:
         errors.append("auction: need golden_evals >= 2, spsa_iters >= 0, chunk >= 1, reserve >= 0")
     return errors
+
+
+def loop_configs(config) -> list:
+    """Both click models train with `config` itself."""
+    return [config]

@@ -45,12 +45,13 @@ import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from jdjax.data import images
 from jdjax.data.pipeline import ArraySource
-from jdjax.nn.clip import CLIP, l2_normalize
+from jdjax.nn.clip import CLIP, clip_config, l2_normalize
 from jdjax.train.task import Task
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps exp(logit_scale) to <= 100
@@ -191,22 +192,34 @@ def _block_metrics(u, v, scale, labels) -> tuple[float, float, float]:
 # ------------------------------------------------------------------------------------------- task
 
 
+SHAPE_KEYS = ("embed_dim", "patch_size", "vision_width", "vision_layers", "vision_heads", "context_length",
+              "vocab_size", "text_width", "text_layers", "text_heads")
+
+
+def model_dims(model_cfg) -> dict:
+    """The tower shapes: a published CLIP's (`model.name`, e.g. 'ViT-B/16') or the config's numbers."""
+    if not model_cfg.name:
+        return {k: model_cfg[k] for k in SHAPE_KEYS}
+    dims = clip_config(model_cfg.name)
+    dims.pop("image_size")  # data.image_size decides
+    return dims
+
+
 def model_kwargs(config, vocab_size: int) -> dict:
     """CLIP keyword arguments from `config.model` (vocab_size 0 = the tokenizer's)."""
     m = config.model
+    dims = model_dims(m)
     return {
-        "embed_dim": m.embed_dim, "image_size": config.data.image_size, "patch_size": m.patch_size,
-        "vision_width": m.vision_width, "vision_layers": m.vision_layers, "vision_heads": m.vision_heads,
-        "context_length": m.context_length, "vocab_size": m.vocab_size or vocab_size,
-        "text_width": m.text_width, "text_layers": m.text_layers, "text_heads": m.text_heads,
+        **dims, "image_size": config.data.image_size, "vocab_size": dims["vocab_size"] or vocab_size,
         "drop_path": m.drop_path, "remat": m.remat, "scan": m.scan, "dtype": jnp.dtype(m.dtype),
     }
 
 
 def build_model(config, tokenizer=None) -> CLIP:
     tokenizer = tokenizer if tokenizer is not None else make_tokenizer(config.data)
-    if config.model.vocab_size and config.model.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+    vocab_size = model_dims(config.model)["vocab_size"]
+    if vocab_size and vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer.vocab_size} tokens; set --config.model.vocab_size=0 (= the tokenizer's).")
     return CLIP(**model_kwargs(config, tokenizer.vocab_size))
 
@@ -280,8 +293,9 @@ def contrastive_task(model: CLIP, splits: dict, image_size: int, class_prompts: 
 def build(config) -> Task:
     tokenizer = make_tokenizer(config.data)
     model = build_model(config, tokenizer)
-    splits = captioned_shapes_splits(config.data, tokenizer, config.model.context_length)
-    prompts = tokenizer([ZERO_SHOT_TEMPLATE.format(n) for n in class_names()], config.model.context_length)
+    context_length = model_dims(config.model)["context_length"]
+    splits = captioned_shapes_splits(config.data, tokenizer, context_length)
+    prompts = tokenizer([ZERO_SHOT_TEMPLATE.format(n) for n in class_names()], context_length)
     augment = images.random_shift(config.data.augment_shift) if config.data.augment_shift else None
     return contrastive_task(model, splits, config.data.image_size, prompts, augment=augment,
                             trainable=config.trainable)
@@ -289,7 +303,11 @@ def build(config) -> Task:
 
 def validate(config) -> list[str]:
     """Config problems this task can see before anything is built."""
-    m, d = config.model, config.data
+    d = config.data
+    try:
+        m = ml_collections.ConfigDict(model_dims(config.model))
+    except ValueError as e:
+        return [str(e)]
     errors = []
     if m.vision_width % m.vision_heads:
         errors.append(f"model.vision_width={m.vision_width} is not divisible by model.vision_heads={m.vision_heads}.")

@@ -4,7 +4,7 @@ multi-scene models (DADNN and its baselines) and image CTR models (CSCNN and its
     python -m jdjax.main --config=configs/kfatt.py:smoke                 # one model
     python -m jdjax.main --config=configs/dadnn.py:smoke
     python -m jdjax.main --config=configs/cscnn.py:smoke
-    python -m jdjax.tasks.ctr --config=configs/kfatt.py --workdir=runs/kfatt-compare   # model set x seeds
+    python -m jdjax.tools.ctr_compare --config=configs/kfatt.py --workdir=runs/kfatt-compare   # model set x seeds
 
 The model family follows from `model.name`: a key of jdjax.models.din.MODELS (behaviour, data
 'clicklog' or 'amazon'), of jdjax.models.dadnn.MODELS (multi-scene, data 'scenes' (embedded) or
@@ -29,7 +29,6 @@ selected on validation AUC, with RelaImpr against the first model.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 
@@ -45,6 +44,10 @@ from jdjax.models import cscnn, dadnn, din
 from jdjax.data.features import FeatureMap
 from jdjax.train.task import Task
 from jdjax.train import sharding as shd
+from jdjax.train import sweep
+from jdjax.train.io import as_path, write_json, write_text
+from jdjax.train.logging import is_main_process
+from jdjax.train.validation import UsageError
 
 FAMILIES = {"behaviour": din.MODELS, "scenes": dadnn.MODELS, "images": cscnn.MODELS}
 DATA_SOURCES = {"behaviour": ("clicklog", "amazon"), "scenes": ("scenes", "scene_files"), "images": ("ads",)}
@@ -189,7 +192,7 @@ def ctr_task(model, fmap: FeatureMap, sources: dict, **task_kwargs) -> Task:
         return out
 
     def report(workdir, results):
-        fmap.save(os.path.join(workdir, "feature_map.json"))
+        fmap.save(as_path(workdir) / "feature_map.json")
 
     return Task(
         init=init, loss=loss, predict=predict, summarize=summarize, train_source=sources["train"],
@@ -278,42 +281,43 @@ def validate(config) -> list[str]:
 
 
 def compare(config, workdir: str, models: list[str] | None = None, seeds: list[int] | None = None) -> dict:
-    """Trains each model with each seed and writes compare.md / compare.json into `workdir`.
+    """Trains each model with each seed (jobs `<model>/seed<k>` of the sweep runner) and writes
+    compare.md / compare.json into `workdir`.
 
-    Returns {'rows': [{'model', 'runs', '<metric>_mean', '<metric>_std', 'relaimpr'}], 'base': model}.
+    Returns {'status', 'failed', 'rows': [{'model', 'runs', '<metric>_mean', '<metric>_std',
+    'relaimpr'}], 'base': model}; the table covers the completed runs only.
     """
-    from jdjax import main as jmain
-    from jdjax.train.loop import completed_results
+    from jdjax import tasks
 
     models = models or [m for m in config.compare.models.split(",") if m]
     seeds = seeds or [int(s) for s in config.compare.seeds.split(",") if s]
     known = {m for family in FAMILIES.values() for m in family}
     unknown = [m for m in models if m not in known]
     if unknown:
-        raise jmain.UsageError(f"compare.models names unknown models {unknown}; choose from {sorted(known)}.")
-    runs: dict[str, list[dict]] = {}
+        raise UsageError(f"compare.models names unknown models {unknown}; choose from {sorted(known)}.")
+    jobs = []
     for model in models:
         for seed in seeds:
-            run_dir = os.path.join(workdir, model, f"seed{seed}")
-            results = completed_results(run_dir)
-            if results is None:
-                cfg = copy.deepcopy(config)
-                with cfg.unlocked():
-                    cfg.model.name, cfg.seed = model, seed
-                jmain.run(cfg, run_dir)
-                results = completed_results(run_dir)
-                if results is None:
-                    raise SystemExit(f"{run_dir} did not complete; rerun the same command to resume.")
-            runs.setdefault(model, []).append(results)
+            cfg = copy.deepcopy(config)
+            with cfg.unlocked():
+                cfg.model.name, cfg.seed = model, seed
+            tasks.check(cfg)  # every run's problems before the first one trains
+            jobs.append(sweep.Job(f"{model}/seed{seed}", lambda sub, cfg=cfg: tasks.run(cfg, sub)))
+    out = sweep.run_sweep(workdir, jobs, desc="ctr compare")
+    runs: dict[str, list[dict]] = {}
+    for name, results in out.results.items():
+        runs.setdefault(name.split("/")[0], []).append(results)
+    if not runs:
+        return {"status": out.status, "failed": out.failed, "rows": [], "base": ""}
     first = next(iter(runs.values()))[0]
     slices = [k for k in first if k.startswith("test/") and k.endswith("/auc") and k.count("/") == 2]
     table = comparison_table(runs, ["test/auc", "test/gauc", "test/logloss", *slices])
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "compare.json"), "w") as f:
-        json.dump({**table, "seeds": seeds, "data": config.data.to_dict(), "num_train_steps": config.num_train_steps}, f, indent=2)
-    with open(os.path.join(workdir, "compare.md"), "w") as f:
-        f.write(comparison_markdown(table, config, seeds))
-    return table
+    if is_main_process():
+        root = as_path(workdir)
+        write_json(root / "compare.json", {**table, "seeds": seeds, "data": config.data.to_dict(),
+                                           "num_train_steps": config.num_train_steps})
+        write_text(root / "compare.md", comparison_markdown(table, config, seeds))
+    return {"status": out.status, "failed": out.failed, **table}
 
 
 def comparison_table(runs: dict[str, list[dict]], metrics: list[str]) -> dict:
@@ -349,30 +353,3 @@ def comparison_markdown(table: dict, config, seeds: list[int]) -> str:
         cells = [f"{row[f'{m}_mean']:.4f} ± {row[f'{m}_std']:.4f}" for m in metrics]
         lines.append(f"| {row['model']} | " + " | ".join(cells) + f" | {100 * row['relaimpr']:+.2f} % |")
     return "\n".join(lines) + "\n"
-
-
-def _cli():
-    """`python -m jdjax.tasks.ctr --config=... --workdir=...`: the flags of jdjax.main, then `compare`."""
-    from absl import app, flags, logging
-
-    from jdjax import main as jmain  # defines --config and --workdir
-
-    def main(argv):
-        if len(argv) > 1:
-            jmain.fail(f"unexpected arguments {argv[1:]}; pass everything as --flags.")
-        config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-        if config is None or not workdir:
-            jmain.fail("--config and --workdir are required, e.g. --config=configs/kfatt.py --workdir=runs/kfatt-compare")
-        logging.set_verbosity(logging.WARNING)
-        try:
-            compare(config, workdir)
-        except jmain.UsageError as e:
-            jmain.fail(str(e))
-        with open(os.path.join(workdir, "compare.md")) as f:
-            print(f.read(), end="")
-
-    app.run(main, flags_parser=jmain.parse_flags)
-
-
-if __name__ == "__main__":
-    _cli()

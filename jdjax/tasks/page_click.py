@@ -1,10 +1,8 @@
 """The ad-blending click model (spec P2) on the generic loop: per-slot click prediction on the logs
 of the synthetic page environment (jdjax.econ.page_env), with or without the displayed context.
 
-    from jdjax.tasks import page_click
-    from jdjax.train.loop import train_and_evaluate
-    config = page_click.click_config(common.base_config())  # a full loop config (configs/common.py)
-    results = train_and_evaluate(config, workdir, page_click.click_model_task(config, context=True))
+    python -m jdjax.main --config=configs/page_click.py[:no_context]   # one model (configs/page_click.py)
+    train_and_evaluate(config, workdir, page_click.click_model_task(config, context=True))  # from code
 
 Data: `page_env.click_log(data.seed, env, n, stream)` with one stream per split (train 0, val 1,
 test 2), so the splits are different pages of one environment (data.seed fixes the category
@@ -23,7 +21,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
@@ -38,51 +35,9 @@ SPLITS = {"train": 0, "val": 1, "test": 2}  # split -> click_log stream
 LOG_KEYS = ("user", "x", "cat", "is_ad", "label", "ctr")
 
 
-def click_config(base: ml_collections.ConfigDict, variant: str = "competition") -> ml_collections.ConfigDict:
-    """The click model's loop config: `base` (the shared sections, configs/common.base_config())
-    with the environment, log sizes, model widths and loop settings.
-
-    Defaults train in about a minute on 2 CPU cores and show the context model's gain on the
-    competition variant (see click_model_task)."""
-    c = base
-    c.task = "page_click"
-    c.env = page_env.env_config(variant)
-    c.data = ml_collections.ConfigDict(
-        dict(
-            seed=0,  # the environment (category centres) and the pages; `seed` varies init and batch order
-            train_pages=30_000,  # pages per split (S impressions each)
-            val_pages=5_000,
-            test_pages=5_000,
-            prefetch=4,
-        )
-    )
-    c.model = ml_collections.ConfigDict(
-        dict(
-            context=True,  # used by `build`; click_model_task takes it as an argument
-            width=32,
-            num_heads=4,
-            mlp_hidden=(64, 32),
-            activation="relu",
-            dropout=0.0,
-            dtype="float32",
-        )
-    )
-    c.batch_size = 128  # pages per step
-    c.eval_batch_size = 1000
-    c.num_train_steps = 3000
-    c.eval_every_steps = 500
-    c.optimizer.learning_rate = 3e-3
-    c.optimizer.warmup_steps = 100
-    c.optimizer.weight_decay = 1e-4
-    c.checkpoint.best_metric = "val/auc"
-    c.checkpoint.best_mode = "max"
-    c.checkpoint.every_steps = 1000
-    c.logging.every_steps = 100  # flushes also bound the steps queued ahead of the host
-    return c
-
-
-def click_errors(config) -> list[str]:
-    """Problems with a click config (empty when valid); the loop's own keys are checked by jdjax.main."""
+def validate(config) -> list[str]:
+    """Problems with a click config (empty when valid); the loop's own keys are checked by
+    jdjax.tasks.config_errors."""
     errors = list(page_env.env_errors(config.env))
     for split in SPLITS:
         n = config.data[f"{split}_pages"]
@@ -104,11 +59,6 @@ def click_errors(config) -> list[str]:
     if m.dtype not in ("float32", "bfloat16", "float16"):
         errors.append(f"model.dtype={m.dtype!r} must be float32, bfloat16 or float16.")
     return errors
-
-
-def validate(config) -> list[str]:
-    """jdjax.main's hook (same as click_errors)."""
-    return click_errors(config)
 
 
 def build_model(config, env=None, context: bool | None = None) -> PageClickModel:
@@ -181,9 +131,9 @@ def click_task_from_logs(model: PageClickModel, logs: dict[str, dict[str, np.nda
 
 
 def click_model_task(config, context: bool, env=None) -> Task:
-    """The click-model Task of `config` (a click_config()): the context-aware model (context=True)
+    """The click-model Task of `config` (configs/page_click.py): the context-aware model (context=True)
     or the no-context baseline, on logs of the environment `env` (default config.env)."""
-    errors = click_errors(config) if env is None else click_errors(config) + page_env.env_errors(env)
+    errors = validate(config) if env is None else validate(config) + page_env.env_errors(env)
     if errors:
         raise ValueError("invalid click config: " + "; ".join(errors))
     model = build_model(config, env, context)
@@ -191,5 +141,5 @@ def click_model_task(config, context: bool, env=None) -> Task:
 
 
 def build(config) -> Task:
-    """jdjax.main's hook: the click model of `config.model.context`."""
+    """The click model of `config.model.context`."""
     return click_model_task(config, bool(config.model.context))

@@ -4,33 +4,34 @@ Spec `vision_token_merging.md` §3. Workdir layout (every stage resumes; a finis
 
     pretrain/                 only without `init_from`: a dense ViT fully trained on
                               `config.pretrain.data`; pretrain/backbone holds its val-selected
-                              parameters in the converter's format (tools.convert.save_converted).
+                              parameters in the converter's format (nn.convert.save_converted).
     lora/  tome-low/  pyra-high/ ...
                               one transfer run per (method, compression): frozen backbone,
                               trainable LoRA on qkv + PYRA weights + new head (train.loop).
     comparison.md, comparison.json
-                              accuracy of the val-selected checkpoint (val and test), inference
-                              images/s measured here in one interleaved run, analytic GMACs,
-                              trainable parameters and the final token count per run.
+                              accuracy of the val-selected checkpoint (val and test), analytic
+                              GMACs, trainable parameters and the final token count per run.
+
+Each stage is a job of the sweep runner (`jdjax.train.sweep`: results.json with a status per
+run directory). Speed is measured by `python -m benchmarks.pyra_accuracy` (the same models,
+interleaved, in one run) and `python -m benchmarks.pyra` (ViT-B/16), not inside training.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import statistics
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jdjax.data import images
 from jdjax.merging import flops, schedules
-from jdjax.nn.lora import lora_trainable_pattern
-from jdjax.nn.vit import ViT, vit_config
+from jdjax.nn.lora import LoRAConfig, lora_trainable_pattern
+from jdjax.nn.vit import MergeConfig, ViT, vit_config
 from jdjax.train.task import Task
 from jdjax.tasks.classification import classification_task, data_errors, image_splits
-from jdjax.timing import time_call
+from jdjax.train import sweep
+from jdjax.train.io import as_path, write_json, write_text
 from jdjax.train.logging import is_main_process
 
 METHODS = ("lora", "tome", "pyra")
@@ -67,13 +68,25 @@ def model_dims(model_cfg) -> dict:
 def build_model(config, method: str, compression: str, num_classes: int, lora: bool = True) -> ViT:
     """The ViT of one run: LoRA (rank model.lora_rank), and for tome/pyra the compression's schedule."""
     m = config.model
-    merge_r = [] if method == "lora" else list(config.schedules[compression])
+    merge_r = [] if method == "lora" else merge_schedule(config, compression)
     return ViT(
         num_classes=num_classes, **model_dims(m), image_size=config.data.image_size,
         dropout=m.dropout, drop_path=m.drop_path, dtype=jnp.dtype(m.dtype),
-        lora_rank=m.lora_rank if lora else 0, lora_dropout=m.lora_dropout,
-        merge_r=merge_r, merge_mode="pyra" if method == "pyra" else "tome", prop_attn=True,
+        lora=LoRAConfig(rank=m.lora_rank, dropout=m.lora_dropout) if lora else LoRAConfig(),
+        merge=MergeConfig(r=merge_r, mode="pyra" if method == "pyra" else "tome", prop_attn=True),
     )
+
+
+def merge_schedule(config, compression: str) -> list[int]:
+    """r per layer of `compression`: `config.schedules[compression]`, or when that is empty the
+    paper's schedule for `model.name` (jdjax.merging.schedules.PAPER_SCHEDULES)."""
+    schedule = list(config.schedules[compression])
+    if schedule or not config.model.name:
+        return schedule
+    key = (config.model.name, compression)
+    if key not in schedules.PAPER_SCHEDULES:
+        raise ValueError(f"no paper schedule for model.name={config.model.name!r}; set --config.schedules.{compression}.")
+    return list(schedules.PAPER_SCHEDULES[key])
 
 
 def lr_multipliers(config) -> tuple:
@@ -85,7 +98,7 @@ def lr_multipliers(config) -> tuple:
 
 def transfer_task(config, method: str, compression: str, backbone: str, log=None) -> Task:
     """One transfer run: the backbone at `backbone` loaded into a ViT with LoRA (+ merging), head fresh."""
-    from jdjax.tools.convert import make_load_pretrained
+    from jdjax.train.pretrained import make_load_pretrained
 
     model = build_model(config, method, compression, config.data.num_classes)
     return classification_task(
@@ -120,145 +133,119 @@ def pretrain_config(config):
     return c
 
 
-def pretrain(config, workdir: str) -> str:
-    """Trains (or resumes, or reuses) the embedded backbone; returns its converted directory."""
-    from jdjax.tools import convert
-    from jdjax.train.checkpoint import read_state
+def pretrain_job(config) -> sweep.Job:
+    """The embedded backbone: a dense ViT fully trained on `config.pretrain.data` (job 'pretrain')."""
     from jdjax.train.loop import train_and_evaluate
 
-    backbone = os.path.join(workdir, "backbone")
-    if os.path.exists(os.path.join(backbone, convert.MODEL_JSON)):
-        return backbone
     c = pretrain_config(config)
-    model = build_model(c, "lora", "dense", c.data.num_classes, lora=False)
-    task = classification_task(
-        model, image_splits(c.data), c.data.image_size,
-        augment=images.random_shift(c.data.augment_shift) if c.data.augment_shift else None,
-    )
-    results = train_and_evaluate(c, workdir, task)
-    if results["status"] != "completed":
-        raise Interrupted(workdir)
-    if is_main_process():
+
+    def run(workdir: str) -> dict:
+        model = build_model(c, "lora", "dense", c.data.num_classes, lora=False)
+        task = classification_task(
+            model, image_splits(c.data), c.data.image_size,
+            augment=images.random_shift(c.data.augment_shift) if c.data.augment_shift else None,
+        )
+        return train_and_evaluate(c, workdir, task)
+
+    return sweep.Job("pretrain", run)
+
+
+def export_backbone(config, workdir: str, results: dict) -> str:
+    """The val-selected parameters of the pretraining run in `workdir`, saved (once) in the
+    converter's format as workdir/backbone; returns that directory."""
+    from jdjax.nn import convert
+    from jdjax.train.checkpoint import read_state
+
+    backbone = os.path.join(workdir, "backbone")
+    if is_main_process() and not (as_path(backbone) / convert.MODEL_JSON).exists():
+        c = pretrain_config(config)
         params = read_state(workdir, kind="best")["params"]
         kwargs = dict(num_classes=c.data.num_classes, image_size=c.data.image_size, **model_dims(c.model))
         convert.save_converted(
             convert.Converted(params, "ViT", kwargs, source_format="jdjax"), backbone, overwrite=True,
             source=f"{workdir} (val-selected step {results['selected_step']}, val accuracy {results['val/accuracy']:.4f})",
         )
-    _sync("pretrain_exported")
-    return backbone
-
-
-class Interrupted(Exception):
-    """A stage stopped early (SIGTERM); rerunning the same command resumes it."""
-
-
-def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(name)
+        multihost_utils.sync_global_devices("pretrain_exported")
+    return backbone
 
 
 # ----------------------------------------------------------------------------- comparison
 
 
-def measure_throughput(models: dict[str, ViT], image_size: int, batch: int, rounds: int = 3) -> dict[str, float]:
-    """Inference images/s of each model (random weights, jit, float32) at `batch`, measured in
-    interleaved rounds (median of per-round medians) so load drift hits every model alike."""
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, image_size, image_size, 3)), jnp.float32)
-    fns = {}
-    for name, model in models.items():
-        params = model.init(jax.random.key(0), x[:1])["params"]
-        params = jax.tree.map(lambda p: p + 0.01, params)  # non-zero PYRA W_D: no constant shortcut
-        apply = jax.jit(lambda p, x, model=model: model.apply({"params": p}, x))
-        fns[name] = lambda apply=apply, params=params: jax.block_until_ready(apply(params, x))
-        fns[name]()  # compile
-    medians = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            medians[name].append(time_call(fn, warmup=1, repeats=3)["median_s"])
-    return {name: batch / statistics.median(times) for name, times in medians.items()}
-
-
-def comparison(config, results: dict[str, dict], batch: int) -> list[dict]:
-    """One row per run: accuracy, images/s and speed-up over dense LoRA, GMACs, trainable params, tokens."""
-    models = {run_name(m, c): build_model(config, m, c, config.data.num_classes) for m, c in runs(config)}
-    speed = measure_throughput(models, config.data.image_size, batch)
-    dense = speed.get("lora")
+def comparison(config, results: dict[str, dict]) -> list[dict]:
+    """One row per run: accuracy (val, and test of the val-selected checkpoint), GMACs, trainable
+    params, final tokens."""
     rows = []
-    for name, model in models.items():
+    for m, c in runs(config):
+        name = run_name(m, c)
+        model = build_model(config, m, c, config.data.num_classes)
         r = results[name]
-        macs = flops.count_model(model)
-        tokens = model.token_counts()
         rows.append({
             "run": name,
             "val_accuracy": r.get("val/accuracy"),
             "test_accuracy": r.get("test/accuracy"),
-            "images_per_s": speed[name],
-            "speedup": speed[name] / dense if dense else None,
-            "gmacs": macs.gmacs,
+            "gmacs": flops.count_model(model).gmacs,
             "trainable_params": r["trainable_params"],
-            "final_tokens": tokens[-1],
+            "final_tokens": model.token_counts()[-1],
             "selected_step": r.get("selected_step"),
         })
     return rows
 
 
-def format_table(rows: list[dict], batch_note: str) -> str:
+def format_table(rows: list[dict]) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}"
 
     lines = [
-        "| run | val acc % | test acc % | images/s | speed-up | GMACs | trainable | tokens out |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | val acc % | test acc % | GMACs | trainable | tokens out |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         lines.append(
-            f"| {r['run']} | {pct(r['val_accuracy'])} | {pct(r['test_accuracy'])} | {r['images_per_s']:.0f} | {speedup} "
+            f"| {r['run']} | {pct(r['val_accuracy'])} | {pct(r['test_accuracy'])} "
             f"| {r['gmacs']:.4g} | {r['trainable_params']:,} | {r['final_tokens']} |"
         )
-    return "\n".join(lines) + f"\n\nAccuracy: checkpoint chosen on val, then evaluated on test. {batch_note}\n"
+    return "\n".join(lines) + ("\n\nAccuracy: checkpoint chosen on val, then evaluated on test. GMACs per image "
+                               "(analytic). Speed: python -m benchmarks.pyra_accuracy.\n")
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
+def transfer_job(config, method: str, compression: str, backbone: str) -> sweep.Job:
+    from jdjax.train.loop import train_and_evaluate
+
+    log = print if is_main_process() else None
+    return sweep.Job(run_name(method, compression), lambda workdir: train_and_evaluate(
+        config, workdir, transfer_task(config, method, compression, backbone, log=log)))
+
+
 def run(config, workdir: str) -> dict:
     """Pretrains if needed, trains every (method, compression) run, writes and prints the comparison."""
-    from jdjax.train.loop import completed_results, train_and_evaluate
-
-    os.makedirs(workdir, exist_ok=True)
-    main = is_main_process()
-    log = print if main else (lambda *_: None)
-    try:
-        backbone = config.init_from or pretrain(config, os.path.join(workdir, "pretrain"))
-        results = {}
-        for method, compression in runs(config):
-            name = run_name(method, compression)
-            sub = os.path.join(workdir, name)
-            done = completed_results(sub)
-            if done is None:
-                log(f"[jdjax] pyra: {name} from {backbone}")
-                done = train_and_evaluate(config, sub, transfer_task(config, method, compression, backbone, log=log))
-                if done["status"] != "completed":
-                    raise Interrupted(sub)
-            results[name] = done
-    except Interrupted as stopped:
-        log(f"[jdjax] pyra: stopped in {stopped}; rerun the same command to resume.")
-        return {"status": "preempted"}
-    batch = min(int(config.eval_batch_size), 64)
-    rows = comparison(config, results, batch)
-    table = format_table(rows, f"images/s: inference at batch {batch} on {jax.devices()[0].platform}, "
-                                f"{config.data.image_size}px, measured in this run; GMACs per image (analytic).")
-    if main:
-        with open(os.path.join(workdir, "comparison.md"), "w") as f:
-            f.write(table)
-        with open(os.path.join(workdir, "comparison.json"), "w") as f:
-            json.dump(rows, f, indent=2)
+    backbone = config.init_from
+    if not backbone:
+        pre = sweep.run_sweep(workdir, [pretrain_job(config)], desc="pyra")
+        if pre.status != sweep.COMPLETED:
+            return {"status": pre.status, "failed": pre.failed}
+        backbone = export_backbone(config, os.path.join(workdir, "pretrain"), pre.results["pretrain"])
+    out = sweep.run_sweep(workdir, [transfer_job(config, m, c, backbone) for m, c in runs(config)], desc="pyra")
+    if out.status != sweep.COMPLETED:
+        return {"status": out.status, "failed": out.failed}
+    rows = comparison(config, out.results)
+    table = format_table(rows)
+    if is_main_process():
+        write_text(as_path(workdir) / "comparison.md", table)
+        write_json(as_path(workdir) / "comparison.json", rows)
         print("\n" + table, flush=True)
     return {"status": "completed", "runs": rows}
+
+
+def loop_configs(config) -> list:
+    """The transfer runs' config and, without init_from, the pretraining stage's."""
+    return [config] if config.init_from else [config, pretrain_config(config)]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -295,7 +282,7 @@ def validate(config) -> list[str]:
     if not errors and config.data.image_size % dims["patch_size"] == 0:
         n0 = 1 + (config.data.image_size // dims["patch_size"]) ** 2
         for compression in COMPRESSIONS:
-            errors += schedule_errors(list(config.schedules[compression]), n0, dims["depth"], compression)
+            errors += schedule_errors(merge_schedule(config, compression), n0, dims["depth"], compression)
     return errors
 
 

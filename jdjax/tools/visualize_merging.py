@@ -3,7 +3,7 @@
     python -m jdjax.tools.visualize_merging                                # tiny ViT, china.jpg, r=16
     python -m jdjax.tools.visualize_merging --image=flower --model=B/16 --r=16 --layers=2,5,8,11
     python -m jdjax.tools.visualize_merging --model=B/16 --r=16,-1 --out=/tmp/tome.png
-    python -m jdjax.tools.visualize_merging --model=B/16 --params=ckpt.npz  # needs jdjax.tools.convert
+    python -m jdjax.tools.visualize_merging --params=ckpt/vit_b16          # a converted checkpoint
 
 The image (scikit-learn's bundled sample photographs `china` or `flower`, or a file path) is
 resized (shorter side) and centre-cropped to the model's resolution and run once through a ViT
@@ -11,9 +11,9 @@ with `trace_source=True`; the [N_l, N_0] source map after every selected block s
 original patches each token covers. Each panel paints every token's patches with the token's
 mean pixel colour and draws white boundaries between tokens (tokens need not be contiguous).
 
-Weights: `--params` loads a converted checkpoint with `jdjax.tools.convert.load_params` when that
-module exists (and, if the converter offers `read_info`, takes the architecture and resolution
-from the checkpoint's model.json instead of --model / --image_size); without --params the ViT
+Weights: `--params` loads a converted checkpoint with `jdjax.nn.convert.load_params` (and takes
+the architecture and resolution from the checkpoint's model.json, when it has one, instead of
+--model / --image_size); without --params the ViT
 is randomly initialised and the figure title says so. Merging
 on random weights still groups similar patches: the metric is the keys, which in the first
 blocks are a random linear map of the (layer-normalised) patch embedding of the pixels.
@@ -25,13 +25,14 @@ ints `40,34,30,...`. `--layers` takes block indices 0..L-1 (negative counts from
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import sys
 from collections.abc import Sequence
 
 import numpy as np
+
+from jdjax.nn import convert
 
 SAMPLE_IMAGES = ("china", "flower")
 # width, depth, heads, mlp: fast on a CPU at 224 px, same 12-block schedule as ViT-B.
@@ -158,34 +159,24 @@ def build_model(name: str, merge_r, num_classes: int = 0, image_size: int = 224,
 
 def load_checkpoint(path: str) -> tuple[dict, dict | None]:
     """({'params': ...}, ViT keyword arguments or None) of a converted checkpoint, read with
-    `jdjax.tools.convert.load_params`; the keyword arguments come from its `read_info` (model.json)
-    when the converter offers it. Raises a UsageError naming the fix."""
-    try:
-        convert = importlib.import_module("jdjax.tools.convert")
-    except ModuleNotFoundError as e:
-        if e.name != "jdjax.tools.convert":
-            raise UsageError(f"jdjax.tools.convert could not be imported ({e}); install its dependencies.") from e
-        raise UsageError(
-            f"--params={path!r} needs jdjax.tools.convert, which this installation does not have; "
-            "omit --params to draw with random weights."
-        ) from e
+    `jdjax.nn.convert.load_params`; the keyword arguments come from its model.json (`read_info`)
+    when it has one. Raises a UsageError naming the fix."""
     if not os.path.exists(path):
         raise UsageError(f"--params={path!r} does not exist; pass a converted checkpoint or omit --params.")
     try:
         params = convert.load_params(path)
     except Exception as e:  # any converter failure means the file is unusable here
-        raise UsageError(f"jdjax.tools.convert.load_params could not read {path!r}: {type(e).__name__}: {e}") from e
+        raise UsageError(f"jdjax.nn.convert.load_params could not read {path!r}: {type(e).__name__}: {e}") from e
     variables = params if isinstance(params, dict) and "params" in params else {"params": params}
     config = None
-    if hasattr(convert, "read_info"):
-        try:
-            info = convert.read_info(path)
-        except Exception:  # noqa: BLE001 - no model.json (or an older converter): fall back to --model
-            info = None
-        if info and info.get("model", "ViT") != "ViT":
-            raise UsageError(f"{path!r} holds a {info['model']} checkpoint; this tool draws ViT image models.")
-        if info and info.get("config"):
-            config = dict(info["config"])
+    try:
+        info = convert.read_info(path)
+    except convert.ConversionError:  # no model.json (e.g. the params/ directory itself): fall back to --model
+        info = None
+    if info and info.get("model", "ViT") != "ViT":
+        raise UsageError(f"{path!r} holds a {info['model']} checkpoint; this tool draws ViT image models.")
+    if info and info.get("config"):
+        config = dict(info["config"])
     return variables, config
 
 
@@ -386,7 +377,7 @@ def _define_flags():
     flags.DEFINE_string("r", "16", "Tokens merged per block: 16 | 16,-1 (decreasing) | 40,34,30,... (per block).")
     flags.DEFINE_string("layers", None, "Blocks to draw (0-based, e.g. 2,5,8,11); default four spread over the depth.")
     flags.DEFINE_string("out", "merging.png", "Output PNG path.")
-    flags.DEFINE_string("params", None, "Converted checkpoint (via jdjax.tools.convert.load_params); default random init.")
+    flags.DEFINE_string("params", None, "Converted checkpoint (via jdjax.nn.convert.load_params); default random init.")
     flags.DEFINE_integer("image_size", 224, "Resolution the image is resized and cropped to.")
     flags.DEFINE_string("norm", "inception", "Pixel normalisation: inception ([-1, 1]) or imagenet (mean/std).")
     flags.DEFINE_integer("seed", 0, "Seed of the random initialisation.")

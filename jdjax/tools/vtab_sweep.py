@@ -5,10 +5,10 @@
         --workdir=runs/vtab-pyra-b16-high [--tasks=dtd,cifar100] [--config.x=y ...]
 
 `--config` and its `--config.x=y` overrides work as for jdjax.main; `--data_dir` is short for
-`--config.data.data_dir`. Each task trains in workdir/<task>, in this process, with
-data.name=vtab and the task's name and class count set. A task that fails (missing data, NaN
-loss) is reported and the sweep goes on; a rerun skips finished tasks (their results.json or
-comparison.json) and resumes interrupted ones from their checkpoints.
+`--config.data.data_dir`. Each task is a job of the sweep runner (jdjax.train.sweep) in
+workdir/<task>, in this process, with data.name=vtab and the task's name and class count set.
+A task that fails (missing data, NaN loss) is reported and the sweep goes on; a rerun skips
+finished tasks, resumes interrupted ones from their checkpoints and retries failed ones.
 
 The table (workdir/vtab_results.md and .json) lists the test accuracy of the checkpoint chosen on
 the task's 200 validation images (`checkpoint.best_metric` must be a val metric) per task and per
@@ -19,38 +19,29 @@ selected step of every run.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 
-from jdjax import main as jmain  # defines --config (with overrides) and --workdir
+from jdjax import cli, tasks
 from jdjax.data import vtab
+from jdjax.train import sweep
+from jdjax.train.io import as_path, write_json, write_text
+from jdjax.train.logging import is_main_process
 
 _TASKS = flags.DEFINE_list("tasks", list(vtab.TASKS), "VTAB-1k tasks to run (default: all 19).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared TFDS ArrayRecord directory (sets config.data.data_dir).")
 
 
-def task_results(workdir: str) -> dict[str, dict] | None:
-    """{run: {'test', 'val', 'selected_step'}} of a finished task directory (comparison.json of
-    configs/pyra.py, or results.json of a single-run config); None if it has not finished."""
-    comparison = os.path.join(workdir, "comparison.json")
-    if os.path.exists(comparison):
-        with open(comparison) as f:
-            return {
-                row["run"]: {"test": row["test_accuracy"], "val": row.get("val_accuracy"),
-                             "selected_step": row.get("selected_step")}
-                for row in json.load(f)
-            }
-    results = os.path.join(workdir, "results.json")
-    if os.path.exists(results):
-        with open(results) as f:
-            r = json.load(f)
-        if r.get("status") == "completed" and "test/accuracy" in r:
-            return {"model": {"test": r["test/accuracy"], "val": r.get("val/accuracy"),
-                              "selected_step": r.get("selected_step")}}
-    return None
+def task_results(results: dict) -> dict[str, dict]:
+    """{run: {'test', 'val', 'selected_step'}} of a finished task's results: the runs of a
+    comparison (configs/pyra.py) or the single run of a plain config ('model')."""
+    if "runs" in results:
+        return {row["run"]: {"test": row["test_accuracy"], "val": row.get("val_accuracy"),
+                             "selected_step": row.get("selected_step")} for row in results["runs"]}
+    return {"model": {"test": results["test/accuracy"], "val": results.get("val/accuracy"),
+                      "selected_step": results.get("selected_step")}}
 
 
 def table(per_task: dict[str, dict[str, dict]]) -> tuple[str, dict]:
@@ -99,59 +90,32 @@ def usage_errors(base, tasks: list[str]) -> list[str]:
     return errors
 
 
-def main(argv):
-    if len(argv) > 1:
-        jmain.fail(f"unexpected arguments {argv[1:]}; pass everything as --flags.")
-    base, workdir = jmain._CONFIG.value, jmain._WORKDIR.value
-    if base is None or not workdir:
-        jmain.fail("--config and --workdir are required, e.g. --config=configs/pyra.py:vit_b16 --workdir=runs/vtab.")
+def main(base, workdir: str) -> None:
     if _DATA_DIR.value is not None and "data" in base:
         base.data.data_dir = _DATA_DIR.value
     errors = usage_errors(base, _TASKS.value)
     if errors:
-        jmain.fail("\n  - ".join(["invalid sweep:", *errors]))
-    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
-        logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
-    jmain.maybe_initialize_distributed(base)
-    from jdjax import tasks
-
-    try:  # config problems every task would hit (e.g. no init_from): say so once, before any training
-        errors = jmain.validate(task_config(base, _TASKS.value[0]), tasks.get_task_module(base.task))
-    except KeyError:
-        errors = [f"config.task={base.task!r} is not a known task; known tasks: {sorted(tasks.TASKS)}."]
-    if errors:
-        jmain.fail("\n  - ".join(["invalid config:", *errors]))
-    from jdjax.train.logging import is_main_process
-
-    main_process = is_main_process()
-    per_task, failed = {}, []
-    for name in _TASKS.value:
-        sub = os.path.join(workdir, name)
-        done = task_results(sub)
-        if done is None:
-            print(f"[vtab_sweep] {name} -> {sub}", flush=True)
-            try:
-                jmain.run(task_config(base, name), sub)
-            except Exception as e:  # noqa: BLE001 - one bad task (missing data, NaN loss) must not end the sweep
-                print(f"[vtab_sweep] {name} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            done = task_results(sub)
-        if done is None:
-            failed.append(name)
-        else:
-            per_task[name] = done
+        raise tasks.UsageError("\n  - ".join(["invalid sweep:", *errors]))
+    tasks.check(task_config(base, _TASKS.value[0]))  # problems every task would hit: once, before any training
+    jobs = [sweep.Job(name, lambda sub, name=name: tasks.run(task_config(base, name), sub)) for name in _TASKS.value]
+    out = sweep.run_sweep(workdir, jobs, desc="vtab_sweep")
+    per_task = {name: task_results(r) for name, r in out.results.items()}
+    unfinished = [name for name in _TASKS.value if name not in per_task]
     md, js = table(per_task)
-    if main_process:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "vtab_results.md"), "w") as f:
-            f.write(md)
-        with open(os.path.join(workdir, "vtab_results.json"), "w") as f:
-            json.dump({**js, "failed": failed}, f, indent=2)
+    if is_main_process():
+        write_text(as_path(workdir) / "vtab_results.md", md)
+        write_json(as_path(workdir) / "vtab_results.json", {**js, "failed": out.failed, "unfinished": unfinished})
         print(md, flush=True)
-    if failed:
-        print(f"[vtab_sweep] failed or unfinished: {', '.join(failed)}; rerun the same command to retry them.",
+    if unfinished:
+        print(f"[vtab_sweep] failed or unfinished: {', '.join(unfinished)}; rerun the same command to retry them.",
               flush=True)
         sys.exit(1)
 
 
+def cli_main() -> None:
+    """The command line (sys.argv): the flags above plus --config and --workdir."""
+    cli.run_app(main, example="--config=configs/pyra.py:vit_b16 --workdir=runs/vtab", workdir_required=True)
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=jmain.parse_flags)
+    cli_main()

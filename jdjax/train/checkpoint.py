@@ -6,7 +6,8 @@ Layout in the workdir:
   best/<step>/{state,meta}   the single best state by `checkpoint.best_metric` (a validation
                              metric, never a test one).
 Orbax writes each step to a temporary directory and renames it when complete, so a crash
-never leaves a half-written checkpoint that would be restored.
+never leaves a half-written checkpoint that would be restored. The workdir is a local directory
+or gs://bucket/... (the two places orbax writes arrays to).
 """
 
 from __future__ import annotations
@@ -16,21 +17,26 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from jdjax.train.io import as_path, is_remote
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, keep: int, best_metric: str, best_mode: str, async_save: bool = True):
+    def __init__(self, workdir: epath.PathLike, keep: int, best_metric: str, best_mode: str, async_save: bool = True):
         if best_mode not in ("max", "min"):
             raise ValueError(f"checkpoint.best_mode must be 'max' or 'min', got {best_mode!r}.")
+        workdir = as_path(workdir)
+        if is_remote(workdir) and not os.fspath(workdir).startswith("gs://"):
+            raise CheckpointError(
+                f"orbax cannot write checkpoints to {workdir}: use a local directory (a mounted bucket "
+                "counts) or gs://bucket/... as --workdir."
+            )
         self.best_metric = best_metric
         self.best_mode = best_mode
         opts = dict(create=True, enable_async_checkpointing=async_save)
-        self.last = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(workdir, "ckpt")), options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts)
-        )
-        self.best = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(workdir, "best")), options=ocp.CheckpointManagerOptions(max_to_keep=1, **opts)
-        )
+        self.last = ocp.CheckpointManager(workdir / "ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts))
+        self.best = ocp.CheckpointManager(workdir / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, **opts))
         self.best_value = None
         self.best_step = None
 
@@ -95,7 +101,7 @@ class Checkpointer:
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be read into the current model."""
+    """A checkpoint could not be read into the current model, or cannot be written to the workdir."""
 
 
 def abstract_with_shardings(tree, shardings):
@@ -103,17 +109,21 @@ def abstract_with_shardings(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def saved_steps(workdir: str, kind: str = "ckpt") -> list[int]:
+def saved_steps(workdir: epath.PathLike, kind: str = "ckpt") -> list[int]:
     """Steps saved under workdir/<kind> ('ckpt': keep-last-K series, 'best': the val-selected one)."""
-    d = os.path.join(workdir, kind)
-    return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+    d = as_path(workdir) / kind
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
-def read_state(workdir: str, step: int | None = None, kind: str = "ckpt") -> dict:
+def read_state(workdir: epath.PathLike, step: int | None = None, kind: str = "ckpt") -> dict:
     """The saved train state at `step` (default: latest) as nested dicts of NumPy arrays, on the host,
     without building the model (e.g. `read_state(workdir, kind='best')['params']`)."""
-    step = saved_steps(workdir, kind)[-1] if step is None else step
-    path = os.path.join(os.path.abspath(workdir), kind, str(step), "state")
+    if step is None:
+        steps = saved_steps(workdir, kind)
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint under {as_path(workdir) / kind}: train there first, or pass another workdir.")
+        step = steps[-1]
+    path = as_path(workdir) / kind / str(step) / "state"
     with ocp.PyTreeCheckpointer() as ckptr:
         meta = ckptr.metadata(path)
         tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta

@@ -9,49 +9,89 @@ import sys
 import time
 
 import jax
+from etils import epath
 from tqdm.auto import tqdm
+
+from jdjax.train.io import as_path, is_remote, write_text
 
 
 def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def save_config(config, workdir: str) -> None:
+def save_config(config, workdir: epath.PathLike) -> None:
     if is_main_process():
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        write_text(as_path(workdir) / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 class MetricWriter:
-    """Appends `{"step": s, name: value, ...}` lines to workdir/metrics.jsonl and TensorBoard events."""
+    """Appends `{"step": s, name: value, ...}` lines to workdir/metrics.jsonl and TensorBoard events.
 
-    def __init__(self, workdir: str, tensorboard: bool = True):
+    A local metrics.jsonl is appended to and flushed line by line. A bucket cannot append to an
+    object, so for a gs:// workdir the whole file (earlier runs' lines included) is uploaded again
+    at most every REMOTE_UPLOAD_SECONDS and at close(). TensorBoard events go to gs:// through
+    tensorboardX, which needs google-cloud-storage there.
+    """
+
+    REMOTE_UPLOAD_SECONDS = 30.0
+
+    def __init__(self, workdir: epath.PathLike, tensorboard: bool = True):
         self.enabled = is_main_process()
         self._jsonl = None
         self._tb = None
         if not self.enabled:
             return
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self._path = as_path(workdir) / "metrics.jsonl"
+        if is_remote(self._path):
+            self._lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
+            self._uploaded = time.monotonic()
+        else:
+            self._jsonl = self._path.open("a")
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = _summary_writer(as_path(workdir) / "tensorboard")
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in metrics.items()}
-        self._jsonl.write(json.dumps({"step": int(step), **{k: v if math.isfinite(v) else str(v) for k, v in clean.items()}}) + "\n")
-        self._jsonl.flush()
+        line = json.dumps({"step": int(step), **{k: v if math.isfinite(v) else str(v) for k, v in clean.items()}}) + "\n"
+        if self._jsonl is not None:
+            self._jsonl.write(line)
+            self._jsonl.flush()
+        else:
+            self._lines.append(line)
+            if time.monotonic() - self._uploaded >= self.REMOTE_UPLOAD_SECONDS:
+                self._upload()
         if self._tb is not None:
             for k, v in clean.items():
                 self._tb.add_scalar(k, v, int(step))
 
+    def _upload(self) -> None:
+        write_text(self._path, "".join(self._lines))
+        self._uploaded = time.monotonic()
+
     def close(self) -> None:
+        if not self.enabled:
+            return
         if self._jsonl is not None:
             self._jsonl.close()
+        else:
+            self._upload()
         if self._tb is not None:
             self._tb.close()
+
+
+def _summary_writer(logdir: epath.Path):
+    """A tensorboardX SummaryWriter for a local or gs:// `logdir`."""
+    from tensorboardX import SummaryWriter, record_writer
+
+    if os.fspath(logdir).startswith("gs://") and not record_writer.GCS_ENABLED:
+        raise ImportError(
+            f"tensorboardX writes TensorBoard events to {logdir} with google-cloud-storage, which is not "
+            "installed. Install it (gcsfs, which epath needs for gs:// anyway, brings it), or set "
+            "--config.logging.tensorboard=False; metrics.jsonl is written either way."
+        )
+    return SummaryWriter(os.fspath(logdir))
 
 
 def progress_bar(total: int, initial: int, desc: str):

@@ -8,9 +8,7 @@ Sections: mesh and shardings -> optimizer -> state (restored or born sharded) ->
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import signal
 import time
 
@@ -19,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
@@ -26,6 +25,7 @@ from jdjax.data import pipeline
 from jdjax.train.task import Task
 from jdjax.train import sharding as shd
 from jdjax.train.checkpoint import Checkpointer, abstract_with_shardings
+from jdjax.train.io import as_path, write_json
 from jdjax.train.logging import (
     Chrono,
     MetricWriter,
@@ -35,6 +35,7 @@ from jdjax.train.logging import (
 )
 from jdjax.train.optim import count_params, make_optimizer, trainable_mask
 from jdjax.train.state import TrainState
+from jdjax.train.validation import check_loop_config
 
 # Steps dispatched ahead of the host. Enough to hide dispatch latency; unbounded queues of
 # collectives have hung XLA's in-process CPU all-reduce with 8 fake devices on 2 cores.
@@ -183,20 +184,11 @@ def compile_task(config, task: Task) -> Compiled:
     )
 
 
-def completed_results(workdir: str) -> dict | None:
-    """The results.json that `train_and_evaluate` wrote into workdir if that run completed, else
-    None: lets multi-run tasks skip finished runs and resume interrupted ones."""
-    path = os.path.join(workdir, "results.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        results = json.load(f)
-    return results if results.get("status") == "completed" else None
-
-
-def train_and_evaluate(config, workdir: str, task: Task) -> dict:
-    """Trains `task` as `config` says, in `workdir`; returns the final results dict."""
-    os.makedirs(workdir, exist_ok=True)
+def train_and_evaluate(config, workdir: epath.PathLike, task: Task) -> dict:
+    """Trains `task` as `config` says, in `workdir`; returns the final results dict. A config the loop
+    cannot run raises UsageError before anything is written."""
+    check_loop_config(config)
+    as_path(workdir).mkdir(parents=True, exist_ok=True)
     save_config(config, workdir)
     main = is_main_process()
     num_steps = int(config.num_train_steps)
@@ -304,8 +296,7 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
     if status == "completed":
         results.update(_final_report(ckpt, c.abstract_state, run_eval, task, writer))
         if main:
-            with open(os.path.join(workdir, "results.json"), "w") as f:
-                json.dump(results, f, indent=2)
+            write_json(as_path(workdir) / "results.json", results)
             if task.report is not None:
                 task.report(workdir, results)
     writer.close()

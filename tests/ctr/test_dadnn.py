@@ -177,8 +177,7 @@ def test_scene_file_reader_builds_and_trains(tmp_path, fmt):
 
 def test_scene_file_reader_errors(tmp_path):
     from configs import dadnn as dadnn_config
-    from jdjax import main as jmain
-    from jdjax.tasks import get_task_module
+    from jdjax import tasks as jtasks
 
     with pytest.raises(FileNotFoundError, match="no train file"):
         clicklog.load_scene_files(str(tmp_path), 4)
@@ -191,4 +190,4 @@ def test_scene_file_reader_errors(tmp_path):
         clicklog.load_scene_files(str(tmp_path), 4, scene="scene_id")
     cfg = dadnn_config.get_config("smoke")
     cfg.data.name = "scene_files"
-    assert any("needs --config.data.data_dir" in e for e in jmain.validate(cfg, get_task_module("ctr")))
+    assert any("needs --config.data.data_dir" in e for e in jtasks.validate(cfg))

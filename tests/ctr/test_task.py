@@ -11,9 +11,9 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from configs import kfatt as kfatt_config
-from jdjax import main as jmain
+from jdjax import tasks as jtasks
 from jdjax.data.features import FeatureMap
-from jdjax.tasks import ctr, get_task_module
+from jdjax.tasks import ctr
 from jdjax.train import loop
 from jdjax.train import sharding as shd
 
@@ -63,14 +63,14 @@ def test_summarize_per_slice():
     ],
 )
 def test_invalid_configs_are_named(overrides, message):
-    errors = jmain.validate(smoke(**overrides), get_task_module("ctr"))
+    errors = jtasks.validate(smoke(**overrides))
     assert any(message in e for e in errors), errors
 
 
 def test_uneven_table_sharding_is_reported():
     cfg = smoke(**{"sharding_rules": "tensor_parallel", "mesh.data": -1, "mesh.model": 8, "model.table_row_multiple": 3})
-    with pytest.raises(jmain.UsageError, match="cannot be split evenly.*table_row_multiple"):
-        jmain.run(cfg, "/nonexistent/never-written")
+    with pytest.raises(jtasks.UsageError, match="cannot be split evenly.*table_row_multiple"):
+        jtasks.run(cfg, "/nonexistent/never-written")
 
 
 def test_row_sharded_tables_on_8_devices_predict_like_1_device():
@@ -119,5 +119,5 @@ def test_compare_aggregates_finished_runs(tmp_path):
     assert saved["seeds"] == [0, 1] and saved["rows"][1]["model"] == "kfatt_base"
     md = (tmp_path / "compare.md").read_text()
     assert "| kfatt_base | 0.8200 ± 0.0283 |" in md
-    with pytest.raises(jmain.UsageError, match="unknown models"):
+    with pytest.raises(jtasks.UsageError, match="unknown models"):
         ctr.compare(smoke(), str(tmp_path), models=["dien"], seeds=[0])

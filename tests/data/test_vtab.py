@@ -221,15 +221,11 @@ def test_classification_validate_checks_task_and_class_count():
 def test_sweep_table_and_finished_tasks(tmp_path):
     from jdjax.tools import vtab_sweep
 
-    assert vtab_sweep.task_results(str(tmp_path)) is None
-    (tmp_path / "results.json").write_text(json.dumps({"status": "preempted", "step": 3}))
-    assert vtab_sweep.task_results(str(tmp_path)) is None
-    (tmp_path / "results.json").write_text(
-        json.dumps({"status": "completed", "test/accuracy": 0.5, "val/accuracy": 0.75, "selected_step": 7}))
-    assert vtab_sweep.task_results(str(tmp_path)) == {"model": {"test": 0.5, "val": 0.75, "selected_step": 7}}
+    single = {"status": "completed", "test/accuracy": 0.5, "val/accuracy": 0.75, "selected_step": 7}
+    assert vtab_sweep.task_results(single) == {"model": {"test": 0.5, "val": 0.75, "selected_step": 7}}
     rows = [{"run": "pyra-low", "val_accuracy": 0.6, "test_accuracy": 0.4, "selected_step": 9}]
-    (tmp_path / "comparison.json").write_text(json.dumps(rows))  # configs/pyra.py: several runs per task
-    assert vtab_sweep.task_results(str(tmp_path)) == {"pyra-low": {"test": 0.4, "val": 0.6, "selected_step": 9}}
+    several = {"status": "completed", "runs": rows}  # configs/pyra.py: several runs per task
+    assert vtab_sweep.task_results(several) == {"pyra-low": {"test": 0.4, "val": 0.6, "selected_step": 9}}
 
     res = lambda test: {"test": test, "val": None, "selected_step": 1}
     per_task = {"dtd": {"a": res(0.6), "b": res(0.8)}, "cifar100": {"a": res(0.4), "b": res(0.6)},
@@ -244,11 +240,10 @@ def test_sweep_table_and_finished_tasks(tmp_path):
 
 SWEEP_DRIVER = """
 import sys, tensorflow_datasets as tfds
-from absl import app
-from jdjax import main as jmain
 from jdjax.tools import vtab_sweep
-with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE, data_dir=sys.argv[1]):
-    app.run(vtab_sweep.main, argv=["vtab_sweep"] + sys.argv[2:], flags_parser=jmain.parse_flags)
+data_dir, sys.argv = sys.argv[1], ["vtab_sweep"] + sys.argv[2:]
+with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE, data_dir=data_dir):
+    vtab_sweep.cli_main()
 """
 
 
@@ -266,14 +261,14 @@ def test_sweep_trains_unfinished_tasks_skips_finished_ones_and_writes_the_table(
     proc = subprocess.run(cmd, cwd=testing.REPO_ROOT, env=testing.subprocess_env(1), capture_output=True, text=True,
                           timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "[vtab_sweep] dtd ->" in proc.stdout and "[vtab_sweep] eurosat ->" not in proc.stdout
+    assert "vtab_sweep: dtd ->" in proc.stdout and "vtab_sweep: eurosat ->" not in proc.stdout
     trained = json.loads((workdir / "dtd" / "results.json").read_text())
     assert trained["selected_by"] == "val/accuracy"
     config = json.loads((workdir / "dtd" / "config.json").read_text())
     assert config["data"]["name"] == "vtab" and config["data"]["vtab_task"] == "dtd"
     assert config["data"]["num_classes"] == 47 and config["data"]["data_dir"] == data_dir
     results = json.loads((workdir / "vtab_results.json").read_text())
-    assert results["failed"] == [] and sorted(results["tasks"]) == ["dtd", "eurosat"]
+    assert results["failed"] == {} and sorted(results["tasks"]) == ["dtd", "eurosat"]
     assert results["tasks"]["dtd"]["model"] == {"test": trained["test/accuracy"], "val": trained["val/accuracy"],
                                                 "selected_step": trained["selected_step"]}
     assert results["summary"]["model"] == pytest.approx({"natural": 100 * trained["test/accuracy"], "specialized": 25.0})

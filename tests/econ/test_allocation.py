@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs import page_click as cp
 from jdjax.econ import allocation as al
 from jdjax.econ import page_env as pe
 
@@ -14,7 +15,7 @@ NUM_PAGES = 64
 
 
 def env(variant="competition", **overrides):
-    c = pe.env_config(variant)
+    c = cp.env_config(variant)
     for k, v in overrides.items():
         c[k] = v
     return pe.EnvParams.from_config(c)

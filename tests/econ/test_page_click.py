@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import common
+from configs import page_click as cp
 from jdjax.econ import page_env
 from jdjax.models.page_click import PageClickModel, make_ctr_fn, page_batch, page_ctr
 from jdjax.tasks import page_click
@@ -112,7 +112,7 @@ def test_context_excludes_the_item_itself():
 
 
 def test_make_ctr_fn_matches_the_model_on_stacked_layouts():
-    p = page_env.EnvParams.from_config(page_env.env_config())
+    p = page_env.EnvParams.from_config(cp.env_config())
     assignments = jnp.array([[-1, -1, -1], [0, -1, 2], [5, 4, 3], [-1, 1, -1]], jnp.int32)  # A = 4 layouts
 
     @jax.jit
@@ -158,12 +158,12 @@ def test_summarize_reports_model_and_oracle_metrics():
 
 
 def test_click_config_is_valid_and_errors_name_the_problem():
-    cfg = page_click.click_config(common.base_config())
-    assert page_click.click_errors(cfg) == []
+    cfg = cp.click_config()
+    assert page_click.validate(cfg) == []
     cfg.model.num_heads = 3
     cfg.data.val_pages = 0
     cfg.env.variant = "nope"
-    errors = " | ".join(page_click.click_errors(cfg))
+    errors = " | ".join(page_click.validate(cfg))
     assert "model.width=32 must be a positive multiple of model.num_heads=3" in errors
     assert "data.val_pages=0" in errors and "env.variant='nope'" in errors
     with pytest.raises(ValueError, match="invalid click config"):
@@ -171,7 +171,7 @@ def test_click_config_is_valid_and_errors_name_the_problem():
 
 
 def _tiny_config(seed: int):
-    cfg = page_click.click_config(common.base_config())
+    cfg = cp.click_config()
     cfg.update_from_flattened_dict({
         "seed": seed, "batch_size": 64, "eval_batch_size": 1000, "num_train_steps": 300, "eval_every_steps": 100,
         "checkpoint.every_steps": 300, "checkpoint.async_save": False, "logging.every_steps": 10,
@@ -184,7 +184,7 @@ def _tiny_config(seed: int):
 def strong_competition_logs():
     """2000 train and 2000 val pages of the competition variant with gamma = 1 (a same-category
     neighbour halves an item's clicks); equal sizes compile click_log once."""
-    p = page_env.EnvParams.from_config(page_env.env_config("competition"))._replace(gamma=1.0)
+    p = page_env.EnvParams.from_config(cp.env_config("competition"))._replace(gamma=1.0)
     return {split: page_env.click_log(0, p, 2000, stream) for split, stream in (("train", 0), ("val", 1))}
 
 

@@ -5,11 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import page_click as cp
 from jdjax.econ import page_env as pe
 
 
 def params(variant="competition", **overrides):
-    cfg = pe.env_config(variant)
+    cfg = cp.env_config(variant)
     cfg.update(overrides)
     return pe.EnvParams.from_config(cfg)
 
@@ -87,7 +88,7 @@ def test_click_log_is_seeded_and_labels_follow_ctr():
 
 
 def test_bad_env_configs_are_named():
-    cfg = pe.env_config()
+    cfg = cp.env_config()
     cfg.variant = "cooperation"
     cfg.ad_slots = (1, 1, 12)
     cfg.position_decay = 1.5

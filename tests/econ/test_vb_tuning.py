@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy import optimize
 
+from configs import page_click as cp
 from jdjax.econ import page_env as pe
 from jdjax.econ import vb_tuning as vt
 
@@ -66,7 +67,7 @@ def test_penalized_objective():
 
 
 def test_frontier_and_golden_on_replay():
-    p = pe.EnvParams.from_config(pe.env_config("competition"))
+    p = pe.EnvParams.from_config(cp.env_config("competition"))
     pages = jax.jit(pe.sample_pages, static_argnums=(2, 3))(jax.random.key(0), pe.category_centres(0, p), p, 32)
     evaluate = vt.replay_evaluator(pages, p)
     grid = [0.0, 0.5, 1.0, 2.0, 4.0]

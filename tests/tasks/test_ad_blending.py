@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import ad_blending as ad_config
-from jdjax import main as jmain
+from jdjax import tasks as jtasks
 from jdjax.econ import vb_tuning
 from jdjax.tasks import ad_blending
 
@@ -23,7 +23,7 @@ def config(**overrides):
 @pytest.mark.slow  # trains two click models and tunes (~1 min on 2 cores)
 def test_smoke_run_reports_every_mechanism_and_reuses_trained_click_models(tmp_path, capsys):
     cfg = config()
-    out = jmain.run(cfg, str(tmp_path))
+    out = jtasks.run(cfg, str(tmp_path))
     assert out["status"] == "completed"
     for name in ("report.md", "report.json", "frontier.png", "click_context/results.json",
                  "click_no_context/results.json"):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import pyra as pyra_config
-from jdjax import main as jmain
+from jdjax import tasks as jtasks
 from jdjax import testing
 from jdjax.nn.lora import fold_lora
 from jdjax.tasks import pyra
@@ -91,7 +91,7 @@ def test_pyra_learning_rate_reaches_the_pyra_weights():
 def test_transfer_model_at_init_equals_frozen_backbone_with_merging(tmp_path):
     """Spec §5.10: LoRA B = 0 and W_D = 0, so PYRA+LoRA on a loaded backbone computes exactly the
     backbone with ToMe merging (and the new head)."""
-    from jdjax.tools import convert
+    from jdjax.nn import convert
 
     cfg = config()
     size, k = cfg.data.image_size, cfg.data.num_classes
@@ -126,12 +126,12 @@ def test_transfer_model_at_init_equals_frozen_backbone_with_merging(tmp_path):
     ],
 )
 def test_validation_names_the_problem(overrides, message):
-    errors = jmain.validate(config(**overrides), pyra)
+    errors = jtasks.validate(config(**overrides))
     assert any(message in e for e in errors), errors
 
 
 def test_paper_model_needs_init_from():
-    errors = jmain.validate(config("vit_b16"), pyra)
+    errors = jtasks.validate(config("vit_b16"))
     assert any("init_from" in e for e in errors), errors
 
 
@@ -147,9 +147,9 @@ def test_recipe_end_to_end_and_rerun_skips_finished_runs(tmp_path):
     assert rows["pyra-high"]["gmacs"] < rows["lora"]["gmacs"]
     assert rows["pyra-high"]["trainable_params"] > rows["lora"]["trainable_params"]
     for r in rows.values():
-        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["images_per_s"] > 0
+        assert 0.0 <= r["test_accuracy"] <= 1.0
     assert os.path.exists(os.path.join(workdir, "pretrain", "backbone", "model.json"))
     assert "| pyra-high |" in proc.stdout
     rerun = testing.run_main("configs/pyra.py:smoke", workdir)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "from " not in rerun.stdout.split("| run |")[0], "finished runs must not train again"
+    assert "pyra: " not in rerun.stdout.split("| run |")[0], "finished runs must not train again"

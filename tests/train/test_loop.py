@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,8 +53,8 @@ def test_eight_devices_match_one(one_device_run, tmp_path, variant):
     one = read_state(one_device_run)
     eight = read_state(str(tmp_path))
     assert int(eight["step"]) == 10
-    testing.assert_trees_close(eight["params"], one["params"], rtol=2e-4, atol=2e-5)
-    testing.assert_trees_close(eight["opt_state"], one["opt_state"], rtol=2e-3, atol=1e-6)
+    chex.assert_trees_all_close(eight["params"], one["params"], rtol=2e-4, atol=2e-5)
+    chex.assert_trees_all_close(eight["opt_state"], one["opt_state"], rtol=2e-3, atol=1e-6)
 
 
 def test_resume_is_bit_identical(tmp_path):
@@ -177,4 +178,4 @@ def test_two_processes_train_in_step_with_one(tmp_path):
     assert "2 devices on 2 process(es)" in outs[0][0]
     a, b = read_state(single), read_state(multi)
     assert int(b["step"]) == 10
-    testing.assert_trees_close(b["params"], a["params"], rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(b["params"], a["params"], rtol=1e-5, atol=1e-6)
