@@ -102,10 +102,11 @@ def run_device(device, model_dims: dict, image_size: int, batch_sizes, repeats: 
 
     from benchmarks import harness
     from jdjax.merging import flops, schedules
-    from jdjax.nn.vit import ViT
+    from jdjax.nn.vit import MergeConfig, ViT
 
     depth = model_dims["depth"]
-    models = {label: ViT(num_classes=1000, **model_dims, merge_r=schedules.parse_r(r, depth), image_size=image_size)
+    models = {label: ViT(num_classes=1000, **model_dims, merge=MergeConfig(r=schedules.parse_r(r, depth)),
+                         image_size=image_size)
               for label, r in CASES}
     traces = {label: 0 for label, _ in CASES}
 

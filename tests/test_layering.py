@@ -1,5 +1,6 @@
 """Imports run one way (ARCHITECTURE.md): main, tools -> cli -> tasks -> {models, data, train, econ}
--> {nn, merging, metrics}; configs import only configs and ml_collections. The test reads the AST
+-> {nn, merging, metrics}, and jdjax.io (workdir I/O through etils.epath) below them all; configs
+import only configs and ml_collections. The test reads the AST
 of every module, so lazy imports inside functions count too."""
 
 import ast
@@ -11,16 +12,17 @@ from jdjax.testing import REPO_ROOT
 
 # package (first part below jdjax) -> the jdjax packages it may import besides itself
 ALLOWED = {
-    "main": {"cli", "tasks", "models", "data", "train", "econ", "nn", "merging", "metrics"},
-    "tools": {"cli", "tasks", "models", "data", "train", "econ", "nn", "merging", "metrics"},
-    "cli": {"tasks", "train"},
-    "tasks": {"models", "data", "train", "econ", "nn", "merging", "metrics"},
-    "models": {"nn", "merging", "metrics"},
-    "data": {"nn", "merging", "metrics"},
-    "train": {"data", "nn", "merging", "metrics"},  # the loop reads its batches through data.pipeline
-    "econ": {"nn", "merging", "metrics"},
-    "nn": {"merging", "metrics"},  # the ViT blocks call the merging kernels
+    "main": {"io", "cli", "tasks", "models", "data", "train", "econ", "nn", "merging", "metrics"},
+    "tools": {"io", "cli", "tasks", "models", "data", "train", "econ", "nn", "merging", "metrics"},
+    "cli": {"io", "tasks", "train"},
+    "tasks": {"io", "models", "data", "train", "econ", "nn", "merging", "metrics"},
+    "models": {"io", "nn", "merging", "metrics"},
+    "data": {"io", "nn", "merging", "metrics"},
+    "train": {"io", "data", "nn", "merging", "metrics"},  # the loop reads its batches through data.pipeline
+    "econ": {"io", "nn", "merging", "metrics"},
+    "nn": {"io", "merging", "metrics"},  # the ViT blocks call the merging kernels
     "merging": set(),
+    "io": set(),
     "metrics": set(),
     "testing": set(),
 }

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 from matplotlib.figure import Figure
 
+from jdjax import io
 from jdjax.econ.delayed_feedback import POLICY_LABELS
 
 
@@ -63,15 +61,14 @@ def table_markdown(rows: list[dict]) -> str:
     return header + body + notes
 
 
-def write_table(table: dict, workdir: str) -> None:
+def write_table(table: dict, workdir) -> None:
     """table = {"rows": regret_table(...), "protocol": {...}} -> workdir/regret_table.{md,json}."""
-    with open(os.path.join(workdir, "regret_table.md"), "w") as f:
-        f.write(table_markdown(table["rows"]))
-    with open(os.path.join(workdir, "regret_table.json"), "w") as f:
-        json.dump(table, f, indent=2)
+    root = io.as_path(workdir)
+    io.write_text(root / "regret_table.md", table_markdown(table["rows"]))
+    io.write_json(root / "regret_table.json", table)
 
 
-def plot_regret_curves(results, path: str, t_min: int = 100) -> None:
+def plot_regret_curves(results, path, t_min: int = 100) -> None:
     """One panel per scenario: mean cumulative regret per policy with its 10-90% band, log x-axis
     from row t_min (as released). results: as for `regret_table`.
     The y-axis stops above the highest non-Random band, as in the released figures. Uses a bare
@@ -97,4 +94,4 @@ def plot_regret_curves(results, path: str, t_min: int = 100) -> None:
         ax.set_ylabel("regret")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    io.save_figure(fig, path)

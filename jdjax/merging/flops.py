@@ -28,9 +28,9 @@ These rules reproduce every figure of the spec to the printed precision: ViT-B/1
 dense 61.55 G, "low" 30.96 G, "high" 17.91 G; CLIP B/32 (image tower, 12 frames) dense 52.90 G.
 
     from jdjax.merging.flops import vit_macs
-    from jdjax.nn.vit import vit_config
+    from jdjax.nn.vit import MergeConfig, ViT, vit_config
     vit_macs(**vit_config("B/16"), image_size=224, merge_r=16).gmacs    # 8.771
-    count_model(ViT(num_classes=1000, **vit_config("B/16"), merge_r=16), 224).head   # 768000
+    count_model(ViT(num_classes=1000, **vit_config("B/16"), merge=MergeConfig(r=16)), 224).head   # 768000
 """
 
 from __future__ import annotations
@@ -155,9 +155,10 @@ def vit_macs(
 
 
 def count_model(model, image_size: int | Sequence[int] | None = None) -> ViTMacs:
-    """MACs of a `jdjax.nn.vit.ViT` instance (its schedule, dims and head) for one image.
+    """MACs of a `jdjax.nn.vit.ViT` instance (its merge schedule, dims and head) for one image.
 
-    image_size defaults to the model's `image_size` attribute.
+    image_size defaults to the model's `image_size` attribute. The model is read by its attributes
+    (this layer does not import jdjax.nn).
     """
     size = image_size if image_size is not None else model.image_size
     if size is None:
@@ -169,6 +170,6 @@ def count_model(model, image_size: int | Sequence[int] | None = None) -> ViTMacs
         depth=model.depth,
         num_heads=model.num_heads,
         mlp_dim=model.mlp_dim,
-        merge_r=model.schedule(),
+        merge_r=model.merge.schedule(model.depth),
         num_classes=model.num_classes,
     )

@@ -36,7 +36,7 @@ from jdjax.econ import page_env, vb_tuning
 from jdjax.models.page_click import make_ctr_fn
 from jdjax.tasks import page_click
 from jdjax.train import sweep
-from jdjax.train.io import as_path, save_figure, write_json, write_text
+from jdjax.io import as_path, save_figure, write_json, write_text
 from jdjax.train.logging import is_main_process
 
 CLICK_MODELS = {"context": True, "no_context": False}

@@ -45,7 +45,7 @@ from jdjax.data.features import FeatureMap
 from jdjax.train.task import Task
 from jdjax.train import sharding as shd
 from jdjax.train import sweep
-from jdjax.train.io import as_path, write_json, write_text
+from jdjax.io import as_path, write_json, write_text
 from jdjax.train.logging import is_main_process
 from jdjax.train.validation import UsageError
 

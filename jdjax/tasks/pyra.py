@@ -31,7 +31,7 @@ from jdjax.nn.vit import MergeConfig, ViT, vit_config
 from jdjax.train.task import Task
 from jdjax.tasks.classification import classification_task, data_errors, image_splits
 from jdjax.train import sweep
-from jdjax.train.io import as_path, write_json, write_text
+from jdjax.io import as_path, write_json, write_text
 from jdjax.train.logging import is_main_process
 
 METHODS = ("lora", "tome", "pyra")

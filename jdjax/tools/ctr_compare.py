@@ -15,7 +15,7 @@ import sys
 
 from jdjax import cli
 from jdjax.tasks import ctr
-from jdjax.train.io import as_path
+from jdjax.io import as_path
 
 
 def main(config, workdir: str) -> None:

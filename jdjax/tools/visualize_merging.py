@@ -7,8 +7,8 @@
 
 The image (scikit-learn's bundled sample photographs `china` or `flower`, or a file path) is
 resized (shorter side) and centre-cropped to the model's resolution and run once through a ViT
-with `trace_source=True`; the [N_l, N_0] source map after every selected block says which
-original patches each token covers. Each panel paints every token's patches with the token's
+with `MergeConfig(trace_source=True)`; the [N_l, N_0] source map after every selected block says
+which original patches each token covers. Each panel paints every token's patches with the token's
 mean pixel colour and draws white boundaries between tokens (tokens need not be contiguous).
 
 Weights: `--params` loads a converted checkpoint with `jdjax.nn.convert.load_params` (and takes
@@ -140,7 +140,7 @@ def build_model(name: str, merge_r, num_classes: int = 0, image_size: int = 224,
     """'tiny' or a ViT name like 'B/16' (or, from a converted checkpoint, its ViT keyword
     arguments `config`) -> ViT with trace_source=True and the schedule as a list per block."""
     from jdjax.merging import schedules
-    from jdjax.nn.vit import ViT, vit_config
+    from jdjax.nn.vit import MergeConfig, ViT, vit_config
 
     try:
         if config is not None:
@@ -153,7 +153,7 @@ def build_model(name: str, merge_r, num_classes: int = 0, image_size: int = 224,
         raise UsageError(f"cannot build the model: {type(e).__name__}: {e}") from e
     if image_size % dims["patch_size"]:
         raise UsageError(f"--image_size={image_size} is not divisible by the patch size {dims['patch_size']}.")
-    dims.update(merge_r=schedule, trace_source=True, image_size=image_size)
+    dims.update(merge=MergeConfig(r=schedule, trace_source=True), image_size=image_size)
     return ViT(**dims)
 
 
@@ -194,7 +194,7 @@ def random_params(model, image_size: int, seed: int = 0):
 
 
 def block_sources(model, variables, image: np.ndarray) -> list[np.ndarray]:
-    """Runs `model` (trace_source=True) on one float image [S, S, 3]; returns the source map
+    """Runs `model` (merge.trace_source=True) on one float image [S, S, 3]; returns the source map
     [N_l, N_0] after every block (identity before the first merge), float32 0/1."""
     import jax
     import jax.numpy as jnp
@@ -300,7 +300,7 @@ def visualize(
         n = counts[layer + 1]
         panels.append((f"after block {layer}: {n} tokens", render_panel(image, labels[layer], scale)))
     title = (
-        f"ToMe merge groups, ViT {model_name} at {size}px, r per block {list(model.schedule())}, "
+        f"ToMe merge groups, ViT {model_name} at {size}px, r per block {model.merge.schedule(model.depth)}, "
         f"tokens {counts[0]} -> {counts[-1]}\n{weights_note}"
     )
     wh = draw(big, panels, title, out)

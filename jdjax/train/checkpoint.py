@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jdjax.train.io import as_path, is_remote
+from jdjax.io import as_path, is_remote
 
 
 class Checkpointer:

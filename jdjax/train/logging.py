@@ -12,7 +12,7 @@ import jax
 from etils import epath
 from tqdm.auto import tqdm
 
-from jdjax.train.io import as_path, is_remote, write_text
+from jdjax.io import as_path, is_remote, write_text
 
 
 def is_main_process() -> bool:

@@ -25,7 +25,7 @@ from jdjax.data import pipeline
 from jdjax.train.task import Task
 from jdjax.train import sharding as shd
 from jdjax.train.checkpoint import Checkpointer, abstract_with_shardings
-from jdjax.train.io import as_path, write_json
+from jdjax.io import as_path, write_json
 from jdjax.train.logging import (
     Chrono,
     MetricWriter,
@@ -46,8 +46,9 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss."""
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop polls; the loop then saves and exits cleanly."""
+class Preemption:
+    """Turns SIGTERM into a flag that the loop (and the sweep runner, between runs) polls; the
+    loop then saves and exits cleanly. A context manager: the previous handler comes back on exit."""
 
     def __init__(self):
         self.requested = False
@@ -257,7 +258,7 @@ def train_and_evaluate(config, workdir: epath.PathLike, task: Task) -> dict:
         pending.clear()
         last_flush = time.perf_counter()
 
-    with _Preemption() as preemption:
+    with Preemption() as preemption:
         try:
             for step in range(start_step + 1, num_steps + 1):
                 state, metrics = train_step(state, next(it), train_rng)

@@ -24,12 +24,12 @@ In multi-process runs every process runs every job (jobs are collective); proces
 from __future__ import annotations
 
 import dataclasses
-import signal
 import sys
 import traceback
 from collections.abc import Callable
 
-from jdjax.train.io import as_path, read_json, write_json
+from jdjax.io import as_path, read_json, write_json
+from jdjax.train.loop import Preemption
 from jdjax.train.logging import is_main_process
 
 RESULTS_FILE = "results.json"
@@ -67,28 +67,6 @@ def write_results(workdir, results: dict) -> None:
         write_json(as_path(workdir) / RESULTS_FILE, results)
 
 
-class _StopRequest:
-    """Turns SIGTERM into a flag while the sweep runs (the loop's handler takes over inside a run)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no handler
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 def run_sweep(workdir, jobs: list[Job], log: Callable[[str], None] | None = None, desc: str = "sweep") -> SweepResult:
     """Runs `jobs` in order in workdir/<job.name>; see the module docstring for the contract."""
     names = [j.name for j in jobs]
@@ -99,14 +77,14 @@ def run_sweep(workdir, jobs: list[Job], log: Callable[[str], None] | None = None
     results: dict[str, dict] = {}
     failed: dict[str, str] = {}
     status = COMPLETED
-    with _StopRequest() as stop:
+    with Preemption() as stop:
         for job in jobs:
             sub = root / job.name
             done = read_results(sub)
             if done is not None:
                 results[job.name] = done
                 continue
-            if stop.requested:
+            if stop.agreed():
                 status = PREEMPTED
                 break
             log(f"[jdjax] {desc}: {job.name} -> {sub}")
@@ -124,7 +102,7 @@ def run_sweep(workdir, jobs: list[Job], log: Callable[[str], None] | None = None
                 status = PREEMPTED
                 break
             results[job.name] = out
-            if stop.requested:
+            if stop.agreed():
                 status = PREEMPTED
                 break
     if status == PREEMPTED:

@@ -10,10 +10,10 @@ written. `jdjax.tasks.validate` runs it on every config a task will hand to the 
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 
+from jdjax import io
 from jdjax.train import sharding as shd
 
 
@@ -54,9 +54,9 @@ def loop_config_errors(config) -> list[str]:
     if config.checkpoint.best_mode not in ("max", "min"):
         errors.append(f"checkpoint.best_mode must be 'max' or 'min', got {config.checkpoint.best_mode!r}.")
     data_dir = config.data.get("data_dir", "") if "data" in config else ""
-    if data_dir and not os.path.isdir(data_dir):
+    if data_dir and not io.as_path(data_dir).is_dir():
         errors.append(f"data.data_dir={data_dir!r} does not exist; point it at the prepared data directory.")
-    if config.init_from and not os.path.exists(config.init_from):
+    if config.init_from and not io.as_path(config.init_from).exists():
         errors.append(f"init_from={config.init_from!r} does not exist.")
     return errors
 

@@ -6,7 +6,7 @@ import pytest
 
 from jdjax.merging import schedules
 from jdjax.merging.flops import count_model, vit_macs
-from jdjax.nn.vit import ViT, vit_config
+from jdjax.nn.vit import MergeConfig, ViT, vit_config
 
 PYRA_B_HIGH = [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3]
 PYRA_L_LOW = [8] * 23 + [6]
@@ -66,7 +66,7 @@ def test_schedule_forms_and_model_agree():
     a = vit_macs(**vit_config("B/16"), image_size=224, merge_r=(16, -1))
     b = vit_macs(**vit_config("B/16"), image_size=224, merge_r=dec)
     assert a == b and a.schedule == tuple(dec)
-    model = ViT(num_classes=1000, **vit_config("B/16"), merge_r=16)
+    model = ViT(num_classes=1000, **vit_config("B/16"), merge=MergeConfig(r=16))
     m = count_model(model, 224)
     assert list(m.token_counts) == model.token_counts(224)
     assert m == vit_macs(**vit_config("B/16"), image_size=224, merge_r=16, num_classes=1000)
@@ -80,7 +80,8 @@ def test_schedule_forms_and_model_agree():
 def test_close_to_xla_cost_analysis(merge_r):
     """XLA counts 2 FLOPs per MAC of every dot plus the element-wise work; on a tiny model the
     element-wise share is ~13 %, so the analytic count (with extras) must sit just under it."""
-    model = ViT(num_classes=10, patch_size=4, width=64, depth=2, num_heads=2, mlp_dim=128, merge_r=merge_r)
+    model = ViT(num_classes=10, patch_size=4, width=64, depth=2, num_heads=2, mlp_dim=128,
+                merge=MergeConfig(r=merge_r))
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
     params = jax.eval_shape(model.init, jax.random.key(0), x)
     cost = jax.jit(model.apply).lower(params, x).compile().cost_analysis()

@@ -51,7 +51,7 @@ def perturb(params, pattern: str, seed: int = 1, scale: float = 0.1):
 
 
 def drop_lora(tree):
-    """The tree without its `*_lora` subtrees (the same model with lora_rank=0)."""
+    """The tree without its `*_lora` subtrees (the same model with LoRAConfig(), rank 0)."""
     if isinstance(tree, dict):
         return {k: drop_lora(v) for k, v in tree.items() if not k.endswith("_lora")}
     return tree

@@ -11,7 +11,8 @@ import pytest
 
 from jdjax.nn import lora as lora_lib
 from jdjax.nn.attention import MultiHeadAttention
-from jdjax.nn.vit import ViT
+from jdjax.nn.lora import LoRAConfig
+from jdjax.nn.vit import MergeConfig, ViT
 from jdjax.train.optim import path_names, trainable_mask
 
 WIDTH, HEADS = 32, 2
@@ -24,7 +25,7 @@ def _x(shape, seed=0):
 @pytest.fixture(scope="module")
 def mha_params():
     """Real init of an attention layer with LoRA on qkv and out (the base is its subtree)."""
-    mha = MultiHeadAttention(num_heads=HEADS, lora_rank=4, lora_targets=("qkv", "out"))
+    mha = MultiHeadAttention(num_heads=HEADS, lora=LoRAConfig(rank=4, targets=("qkv", "out")))
     return nn.meta.unbox(jax.jit(mha.init)(jax.random.key(0), jnp.zeros((1, 3, WIDTH))))
 
 
@@ -105,7 +106,7 @@ def test_lora_init_kaiming_uniform_and_zero_b(mha_params):
 def test_lora_b_zero_equals_base(mha_params, nn_helpers):
     x = _x((2, 5, WIDTH))
     base = MultiHeadAttention(num_heads=HEADS)
-    with_lora = MultiHeadAttention(num_heads=HEADS, lora_rank=4, lora_targets=("qkv", "out"))
+    with_lora = MultiHeadAttention(num_heads=HEADS, lora=LoRAConfig(rank=4, targets=("qkv", "out")))
     out_lora, k_lora = with_lora.apply(mha_params, x)
     out_base, k_base = base.apply({"params": nn_helpers.drop_lora(mha_params["params"])}, x)
     np.testing.assert_array_equal(out_lora, out_base)
@@ -115,7 +116,7 @@ def test_lora_b_zero_equals_base(mha_params, nn_helpers):
 @pytest.mark.parametrize("alpha,scale", [(None, 1.0), (16.0, 4.0)])
 def test_lora_delta_and_alpha_scaling(mha_params, nn_helpers, alpha, scale):
     x = _x((2, 5, WIDTH))
-    mha = MultiHeadAttention(num_heads=HEADS, lora_rank=4, lora_alpha=alpha, lora_targets=("qkv", "out"))
+    mha = MultiHeadAttention(num_heads=HEADS, lora=LoRAConfig(rank=4, alpha=alpha, targets=("qkv", "out")))
     p = nn_helpers.perturb(mha_params, "qkv_lora/b$")
     _, keys = mha.apply(p, x)
     q, la = p["params"]["qkv"], p["params"]["qkv_lora"]
@@ -128,7 +129,7 @@ def test_lora_delta_and_alpha_scaling(mha_params, nn_helpers, alpha, scale):
 
 
 def test_lora_dropout_only_in_train_mode(mha_params, nn_helpers):
-    mha = MultiHeadAttention(num_heads=HEADS, lora_rank=4, lora_dropout=0.5, lora_targets=("qkv", "out"))
+    mha = MultiHeadAttention(num_heads=HEADS, lora=LoRAConfig(rank=4, dropout=0.5, targets=("qkv", "out")))
     x = _x((2, 5, WIDTH))
     p = nn_helpers.perturb(mha_params, "_lora/b$", scale=1.0)
     eval1, _ = mha.apply(p, x)
@@ -141,7 +142,7 @@ def test_lora_dropout_only_in_train_mode(mha_params, nn_helpers):
 @pytest.mark.parametrize("scan", [False, True])
 def test_fold_lora_equals_unfolded(nn_helpers, scan):
     kw = dict(num_classes=3, patch_size=4, width=WIDTH, depth=2, num_heads=HEADS, mlp_dim=64, scan=scan)
-    model = ViT(**kw, lora_rank=4, lora_alpha=8.0, lora_targets=("qkv", "out", "fc1", "fc2"))
+    model = ViT(**kw, lora=LoRAConfig(rank=4, alpha=8.0, targets=("qkv", "out", "fc1", "fc2")))
     images = nn_helpers.images((2, 8, 8, 3))
     params = nn_helpers.random_params(model, images)
     folded = lora_lib.fold_lora(params["params"], alpha=8.0)
@@ -155,14 +156,31 @@ def test_fold_lora_equals_unfolded(nn_helpers, scan):
     assert {n for n, f in zip(names, flags) if f} == {n for n in names if re.search(r"(qkv|out|fc1|fc2)/kernel$", n)}
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rank=-1), "rank must be an int >= 0"),
+    (dict(rank=2, alpha=0.0), "alpha must be None"),
+    (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
+    (dict(targets="qkv"), r"write \('qkv',\)"),
+    (dict(targets=("qkv", "proj")), "unknown entries"),
+])
+def test_lora_config_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lora_lib.LoRAConfig(**kwargs)
+
+
+def test_lora_config_is_hashable():
+    assert lora_lib.LoRAConfig(targets=["qkv", "out"]).targets == ("qkv", "out")
+    assert len({lora_lib.LoRAConfig(rank=2), lora_lib.LoRAConfig(rank=2), lora_lib.LoRAConfig()}) == 2
+
+
 def test_fold_lora_rejects_orphan():
     with pytest.raises(ValueError, match="no sibling"):
         lora_lib.fold_lora({"attn": {"qkv_lora": {"a": jnp.zeros((4, 2)), "b": jnp.zeros((2, 4))}}})
 
 
 def test_lora_trainable_pattern_selects_lora_head_pyra(nn_helpers):
-    model = ViT(num_classes=3, patch_size=4, width=WIDTH, depth=2, num_heads=HEADS, mlp_dim=64, lora_rank=4,
-                merge_r=2, merge_mode="pyra")
+    model = ViT(num_classes=3, patch_size=4, width=WIDTH, depth=2, num_heads=HEADS, mlp_dim=64,
+                lora=LoRAConfig(rank=4), merge=MergeConfig(r=2, mode="pyra"))
     params = nn_helpers.param_shapes(model, jnp.zeros((1, 8, 8, 3)))["params"]
     mask = trainable_mask(params, lora_lib.lora_trainable_pattern(("head", "pyra")))
     selected = {n for n, m in zip(jax.tree.leaves(path_names(params)), jax.tree.leaves(mask)) if m}

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from jdjax.nn.clip import CLIP, CLIPTextTower, clip_config
-from jdjax.nn.lora import fold_lora
+from jdjax.nn.lora import LoRAConfig, fold_lora
+from jdjax.nn.vit import MergeConfig
 from jdjax.train import sharding as shd
 
 TINY = dict(
@@ -182,7 +183,7 @@ def test_text_longer_than_context_rejected(text_params):
 
 
 def test_image_tower_merging_and_lora(nn_helpers, inputs):
-    model = CLIP(**TINY, merge_r=[3, 2], lora_rank=2, text_lora=False, trace_source=True)
+    model = CLIP(**TINY, merge=MergeConfig(r=[3, 2], trace_source=True), lora=LoRAConfig(rank=2), text_lora=False)
     assert model.token_counts() == [17, 14, 12]
     p = nn_helpers.perturb(nn_helpers.random_params(model, *inputs, zero="_lora/b$"), "_lora/b$")
     assert "qkv_lora" in p["params"]["visual"]["block0"]["attn"]
@@ -193,7 +194,7 @@ def test_image_tower_merging_and_lora(nn_helpers, inputs):
     chex.assert_shape(info["tokens"], (2, 12, 32))
     chex.assert_shape(info["source"], (2, 12, 17))
     np.testing.assert_array_equal(np.asarray(info["size"]).sum((1, 2)), 17.0)
-    plain = CLIP(**TINY, merge_r=[3, 2])
+    plain = CLIP(**TINY, merge=MergeConfig(r=[3, 2]))
     folded = jax.jit(lambda p, x: plain.apply(p, x, method=CLIP.encode_image))(
         {"params": fold_lora(p["params"])}, inputs[0])
     np.testing.assert_allclose(feats, folded, rtol=1e-4, atol=1e-5)

@@ -11,7 +11,8 @@ import pytest
 
 from jdjax.nn import vit as vit_lib
 from jdjax.nn.attention import MultiHeadAttention
-from jdjax.nn.vit import ViT, interpolate_pos_embedding, vit_config
+from jdjax.nn.lora import LoRAConfig
+from jdjax.nn.vit import MergeConfig, ViT, interpolate_pos_embedding, vit_config
 from jdjax.train import sharding as shd
 
 TINY = dict(num_classes=5, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64)
@@ -88,7 +89,7 @@ def _names_and_shapes(boxed):
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_param_tree_and_logical_names(scan):
-    kw = dict(lora_rank=4, merge_mode="pyra", merge_r=0 if scan else [3, 2], scan=scan)
+    kw = dict(lora=LoRAConfig(rank=4), merge=MergeConfig(r=0 if scan else [3, 2], mode="pyra"), scan=scan)
     model = ViT(**TINY, **kw)
     boxed = _boxed(model, jnp.zeros(IMAGES))
     shapes = jax.tree.map(lambda s: tuple(s.shape), nn.meta.unbox(boxed))["params"]
@@ -158,8 +159,9 @@ class PlainViT(nn.Module):
 
 def test_r0_is_bit_identical_to_plain_model(base_params, x):
     plain = jax.jit(PlainViT(**TINY).apply)(base_params, x)
-    for kw in [{}, dict(merge_r=0, prop_attn=True, trace_source=True, merge_mode="pyra"), dict(merge_r=[0, 0])]:
-        out = jax.jit(ViT(**TINY, **kw).apply)(base_params, x)
+    merges = [MergeConfig(), MergeConfig(r=0, prop_attn=True, trace_source=True, mode="pyra"), MergeConfig(r=[0, 0])]
+    for merge in merges:
+        out = jax.jit(ViT(**TINY, merge=merge).apply)(base_params, x)
         np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
 
 

@@ -10,7 +10,8 @@ import pytest
 from jdjax.merging import schedules, tome
 from jdjax.nn import vit as vit_lib
 from jdjax.nn.attention import MultiHeadAttention
-from jdjax.nn.vit import EncoderBlock, TokenMerger, ViT, vit_config
+from jdjax.nn.lora import LoRAConfig
+from jdjax.nn.vit import EncoderBlock, MergeConfig, TokenMerger, ViT, vit_config
 
 TINY = dict(num_classes=5, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64)
 IMAGES = (2, 16, 16, 3)  # 4x4 patches + CLS = 17 tokens
@@ -31,7 +32,7 @@ def x(nn_helpers):
 
 
 def test_merging_follows_schedule_and_conserves_size(base_params, x):
-    model = ViT(**TINY, merge_r=[3, 2], trace_source=True)
+    model = ViT(**TINY, merge=MergeConfig(r=[3, 2], trace_source=True))
     assert model.token_counts(16) == [17, 14, 12]
     logits, info = jax.jit(lambda p, x: model.apply(p, x, return_info=True))(base_params, x)
     chex.assert_shape(logits, (2, 5))
@@ -49,20 +50,20 @@ def test_merging_follows_schedule_and_conserves_size(base_params, x):
 
 
 def test_token_counts_clamp_and_schedules():
-    model = ViT(**TINY, merge_r=10, image_size=16)
+    model = ViT(**TINY, merge=MergeConfig(r=10), image_size=16)
     assert model.token_counts() == [17, 9, 5]  # r clamped to 8, then 4
     assert model.token_counts() == [17] + schedules.token_counts([10, 10], 17)
-    b16 = ViT(num_classes=0, **vit_config("B/16"), merge_r=16)
+    b16 = ViT(num_classes=0, **vit_config("B/16"), merge=MergeConfig(r=16))
     assert b16.token_counts(224)[-3:] == [37, 21, 11]  # spec §1.4
-    high = ViT(num_classes=0, **vit_config("B/16"), merge_r=[40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3])
+    high = ViT(num_classes=0, **vit_config("B/16"), merge=MergeConfig(r=[40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3]))
     assert high.token_counts(224) == [197, 157, 123, 93, 69, 51, 37, 27, 19, 15, 11, 8, 5]  # spec §3.1
-    assert ViT(**TINY, merge_r=[1]).schedule() == [1, 0]
+    assert MergeConfig(r=[1]).schedule(2) == [1, 0]
 
 
 @pytest.mark.parametrize("prop_attn", [True, False])
 def test_block_wiring_matches_kernels(nn_helpers, prop_attn):
     """attention(LN1 x, log size) -> tome.merge_tokens on the head-mean keys -> MLP(LN2 x)."""
-    block = EncoderBlock(num_heads=2, mlp_dim=64, r=3, prop_attn=prop_attn)
+    block = EncoderBlock(num_heads=2, mlp_dim=64, r=3, merge=MergeConfig(prop_attn=prop_attn))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 32)).astype(np.float32))
     size = jnp.asarray(np.random.default_rng(1).integers(1, 4, size=(2, 9, 1)).astype(np.float32))
     params = nn_helpers.random_params(block, x)["params"]
@@ -80,8 +81,8 @@ def test_block_wiring_matches_kernels(nn_helpers, prop_attn):
 
 
 def test_pyra_init_equals_tome_lora_and_w_d_matters(nn_helpers, x):
-    pyra_model = ViT(**TINY, lora_rank=4, merge_r=[3, 2], merge_mode="pyra")
-    tome_model = ViT(**TINY, lora_rank=4, merge_r=[3, 2], merge_mode="tome")
+    pyra_model = ViT(**TINY, lora=LoRAConfig(rank=4), merge=MergeConfig(r=[3, 2], mode="pyra"))
+    tome_model = ViT(**TINY, lora=LoRAConfig(rank=4), merge=MergeConfig(r=[3, 2], mode="tome"))
     params = nn_helpers.random_params(pyra_model, x, zero="pyra_w_d")  # W_D = 0 as at init
     tome_params = {"params": {k: ({n: m for n, m in v.items() if n != "merge"} if k.startswith("block") else v)
                               for k, v in params["params"].items()}}
@@ -91,7 +92,7 @@ def test_pyra_init_equals_tome_lora_and_w_d_matters(nn_helpers, x):
     c = jax.jit(pyra_model.apply)(nn_helpers.perturb(params, "pyra_w_d", scale=1.0), x)
     assert not np.allclose(a, c, atol=1e-4)
     # the real initialisers: W_r ~ U(-1, 1), W_D = 0, LayerNorm 1 / 0
-    merger = TokenMerger(r=3, mode="pyra")
+    merger = TokenMerger(r=3, merge=MergeConfig(mode="pyra"))
     init = jax.jit(lambda k, v, s: nn.meta.unbox(merger.init(k, v, s)))
     p = init(jax.random.key(0), jnp.zeros((1, 9, 32)), jnp.asarray(np.random.default_rng(0).normal(size=(1, 9, 2, 16))))
     p = p["params"]
@@ -102,15 +103,28 @@ def test_pyra_init_equals_tome_lora_and_w_d_matters(nn_helpers, x):
     np.testing.assert_array_equal(p["pyra_norm_bias"], 0.0)
 
 
-def test_merge_mode_validated(base_params, x):
-    with pytest.raises(ValueError, match="merge_mode"):
-        ViT(**TINY, merge_r=2, merge_mode="bogus").apply(base_params, x)
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mode="bogus"), "MergeConfig.mode must be one of"),
+    (dict(r=-1), "non-negative ints"),
+    (dict(r=[3, 2.5]), "non-negative ints"),
+    (dict(pyra_ln_eps=0.0), "pyra_ln_eps must be positive"),
+])
+def test_merge_config_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MergeConfig(**kwargs)
+
+
+def test_merge_config_is_hashable_and_checked_against_depth():
+    assert MergeConfig(r=[3, 2]).r == (3, 2)
+    assert len({MergeConfig(r=[3, 2]), MergeConfig(r=(3, 2)), MergeConfig()}) == 2
+    with pytest.raises(ValueError, match="list schedule has 3 entries"):
+        ViT(**TINY, merge=MergeConfig(r=[1, 1, 1])).token_counts(16)
 
 
 
 
 def test_gradients_reach_lora_and_pyra(nn_helpers, x):
-    model = ViT(**TINY, lora_rank=2, merge_r=[3, 2], merge_mode="pyra")
+    model = ViT(**TINY, lora=LoRAConfig(rank=2), merge=MergeConfig(r=[3, 2], mode="pyra"))
     params = nn_helpers.random_params(model, x)
     # all final tokens: the last block's merge does not reach the class token (the MLP is per token)
     loss = lambda p: jnp.sum(model.apply(p, x, return_info=True)[1]["tokens"] ** 2)  # noqa: E731

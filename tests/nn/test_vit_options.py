@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdjax.nn.vit import ViT
+from jdjax.nn.vit import MergeConfig, ViT
 
 TINY = dict(num_classes=5, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64)
 IMAGES = (2, 16, 16, 3)  # 4x4 patches + CLS = 17 tokens
@@ -26,7 +26,7 @@ def x(nn_helpers):
 
 
 def test_bf16_forward_close_to_f32(nn_helpers, x):
-    model = ViT(**TINY, merge_r=[3, 2], merge_mode="pyra")
+    model = ViT(**TINY, merge=MergeConfig(r=[3, 2], mode="pyra"))
     params = nn_helpers.perturb(nn_helpers.random_params(model, x, scale=0.1, zero="pyra_w_d"), "pyra_w_d")
     f32, info32 = jax.jit(lambda p, x: model.apply(p, x, return_info=True))(params, x)
     bf = model.clone(dtype=jnp.bfloat16)
@@ -72,6 +72,6 @@ def test_train_mode_dropout_drop_path_remat(base_params, x):
 
 def test_scan_rejects_merging(base_params, x):
     with pytest.raises(ValueError, match="scan=True needs a merge schedule of zeros"):
-        jax.eval_shape(ViT(**TINY, scan=True, merge_r=2).init, jax.random.key(0), x)
+        jax.eval_shape(ViT(**TINY, scan=True, merge=MergeConfig(r=2)).init, jax.random.key(0), x)
 
 

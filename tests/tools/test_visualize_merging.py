@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jdjax.nn.vit import ViT
+from jdjax.nn.vit import MergeConfig, ViT
 from jdjax.testing import REPO_ROOT, subprocess_env
 from jdjax.tools import visualize_merging as vm
 
@@ -19,7 +19,7 @@ TINY = dict(num_classes=0, patch_size=4, width=32, depth=3, num_heads=2, mlp_dim
 
 @pytest.fixture(scope="module")
 def drawn(tmp_path_factory):
-    model = ViT(**TINY, merge_r=[20, 9, 6], trace_source=True)
+    model = ViT(**TINY, merge=MergeConfig(r=[20, 9, 6], trace_source=True))
     image = vm.resize_crop(vm.load_image("flower"), SIZE)
     out = str(tmp_path_factory.mktemp("vis") / "flower.png")
     info = vm.visualize(image, model, vm.random_params(model, SIZE), [0, 1, 2], out, weights_note=vm.RANDOM_NOTE)

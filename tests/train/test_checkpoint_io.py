@@ -16,7 +16,8 @@ from fsspec.registry import _registry
 
 from configs import vit
 from jdjax.data.pipeline import ArraySource
-from jdjax.train import io, loop, sweep
+from jdjax import io
+from jdjax.train import loop, sweep
 from jdjax.train.checkpoint import Checkpointer, CheckpointError, read_state, saved_steps
 from jdjax.train.logging import MetricWriter, save_config
 from jdjax.train.task import Task

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 
+from jdjax import io
 from jdjax.nn.convert.formats import convert
 from jdjax.nn.convert.mapping import Converted
 from jdjax.nn.convert.readers import ConversionError
@@ -19,60 +19,69 @@ MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
 
 
-def save_converted(converted: Converted, dst: str, overwrite: bool = False, source: str | None = None) -> str:
-    """Writes `dst/params` (orbax) and `dst/model.json`, atomically (temporary directory + rename)."""
+def save_converted(converted: Converted, dst, overwrite: bool = False, source: str | None = None) -> str:
+    """Writes `dst/params` (orbax) and `dst/model.json`; `dst` may be local or a gs:// URI.
+
+    Locally the directory is written under a temporary name and renamed when complete; in a
+    bucket (no directory rename) model.json is written last, so a directory without it is never
+    taken for a checkpoint (`read_info` refuses it)."""
     import orbax.checkpoint as ocp
 
-    dst = os.path.abspath(dst)
-    if os.path.exists(dst) and not overwrite:
+    dst = io.as_path(dst)
+    if dst.exists() and not overwrite:
         raise ConversionError(f"--dst={dst} already exists; choose a new directory or pass --overwrite.")
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{dst}.tmp-{os.getpid()}"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    try:
-        os.makedirs(tmp)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    info = {**converted.info(), "source": source, "format_version": 1}
+    if io.is_remote(dst):
+        if dst.exists():
+            dst.rmtree()
         with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(os.path.join(tmp, PARAMS_DIR), converted.params)
-        info = {**converted.info(), "source": source, "format_version": 1}
-        with open(os.path.join(tmp, MODEL_JSON), "w") as f:
-            json.dump(info, f, indent=2, sort_keys=True)
-        if os.path.exists(dst):
-            old = f"{dst}.old-{os.getpid()}"
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old)
+            ckptr.save(dst / PARAMS_DIR, converted.params)
+        io.write_text(dst / MODEL_JSON, json.dumps(info, indent=2, sort_keys=True))
+        return str(dst)
+    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        tmp.rmtree()
+    try:
+        tmp.mkdir()
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / PARAMS_DIR, converted.params)
+        io.write_text(tmp / MODEL_JSON, json.dumps(info, indent=2, sort_keys=True))
+        if dst.exists():
+            old = dst.with_name(f"{dst.name}.old-{os.getpid()}")
+            dst.rename(old)
+            tmp.rename(dst)
+            old.rmtree()
         else:
-            os.rename(tmp, dst)
+            tmp.rename(dst)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            tmp.rmtree()
         raise
-    return dst
+    return str(dst)
 
 
-def read_info(path: str) -> dict:
-    """The model.json of a converted checkpoint directory."""
-    file = os.path.join(path, MODEL_JSON)
-    if not os.path.exists(file):
+def read_info(path) -> dict:
+    """The model.json of a converted checkpoint directory (local or gs://)."""
+    file = io.as_path(path) / MODEL_JSON
+    if not file.exists():
         raise ConversionError(
             f"{path} is not a converted checkpoint (no {MODEL_JSON}); create one with "
             "`python -m jdjax.tools.convert --format=... --src=... --dst=...`."
         )
-    with open(file) as f:
-        return json.load(f)
+    return io.read_json(file)
 
 
-def load_params(path: str) -> dict:
+def load_params(path) -> dict:
     """The parameter tree (NumPy float32, no {'params': ...} wrapper) of a converted checkpoint.
 
     `path` is the directory written by the converter (or its `params/` orbax directory)."""
     import jax
     import orbax.checkpoint as ocp
 
-    path = os.path.abspath(path)
-    ckpt = os.path.join(path, PARAMS_DIR) if os.path.isdir(os.path.join(path, PARAMS_DIR)) else path
-    if not os.path.isdir(ckpt):
+    path = io.as_path(path)
+    ckpt = path / PARAMS_DIR if (path / PARAMS_DIR).is_dir() else path
+    if not ckpt.is_dir():
         raise ConversionError(f"{path} does not exist or is not a converted checkpoint directory.")
     try:
         with ocp.StandardCheckpointer() as ckptr:
