@@ -54,7 +54,6 @@ def _click_models(p):
     import jax
 
     from configs import ad_blending as ad_config
-    from configs import page_click as cp
     from jdjax.econ import allocation as al
     from jdjax.econ import page_env
     from jdjax.models import page_click
@@ -77,6 +76,7 @@ def measure(rounds: int, batch: int, batch_rounds: int, chunk: int) -> list[tupl
     import numpy as np
 
     from benchmarks import harness
+    from configs import page_click as cp
     from jdjax.econ import allocation as al
     from jdjax.econ import page_env
 

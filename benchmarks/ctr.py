@@ -86,8 +86,8 @@ def behaviour_cases(smoke: bool, repeats: int):
     import numpy as np
 
     from jdjax.data import clicklog
-    from jdjax.models.din import MODELS, BehaviourCTR
     from jdjax.data.features import FeatureMap
+    from jdjax.models.din import MODELS, BehaviourCTR
 
     log = clicklog.generate("tiny" if smoke else "small", seed=0)["train"]
     b = 32 if smoke else 256
@@ -110,8 +110,8 @@ def image_cases(smoke: bool, repeats: int):
     import numpy as np
 
     from jdjax.data import clicklog
-    from jdjax.models.cscnn import MODELS, ImageCTR
     from jdjax.data.features import FeatureMap
+    from jdjax.models.cscnn import MODELS, ImageCTR
 
     splits, images = clicklog.generate_ads("tiny" if smoke else "small", seed=0)
     train = splits["train"]
@@ -155,8 +155,8 @@ def scene_cases(smoke: bool, repeats: int):
 
     from configs import dadnn as dadnn_config
     from jdjax.data import clicklog
-    from jdjax.models.dadnn import MODELS
     from jdjax.data.features import FeatureMap
+    from jdjax.models.dadnn import MODELS
     from jdjax.tasks import ctr
 
     cfg = dadnn_config.get_config("smoke" if smoke else None)

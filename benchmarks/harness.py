@@ -19,7 +19,6 @@ from collections.abc import Callable
 
 import jax
 
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_JSONL = os.path.join(HERE, "results.jsonl")
 RESULTS_MD = os.path.join(HERE, "RESULTS.md")

@@ -13,7 +13,6 @@ images/s and the speed-up over dense LoRA.
 
 from __future__ import annotations
 
-import os
 import statistics
 
 import jax

@@ -6,5 +6,5 @@
 set -euo pipefail
 tpu="${1:?TPU name}"; zone="${2:?zone}"; config="${3:?config}"; shift 3
 gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command "
-  cd ~/jdjax && pip install -q -e . 'jax[tpu]' &&
+  cd ~/jdjax && pip install -q -e '.[gcs]' 'jax[tpu]' &&
   JDJAX_DISTRIBUTED=1 python -m jdjax.main --config=$config $*"

@@ -5,9 +5,8 @@ import os
 import pytest
 
 from configs import vit
-from jdjax import cli
+from jdjax import cli, testing
 from jdjax import tasks as jtasks
-from jdjax import testing
 
 
 def config(**overrides):

@@ -25,7 +25,6 @@ from jdjax.nn.ctr.features import (
     OOV_ID,
     PAD_ID,
     DenseFeat,
-    SparseFeat,
     TableSpec,
     VarLenFeat,
     _kind,

@@ -33,10 +33,10 @@ from tqdm import tqdm
 
 from jdjax.econ import allocation as al
 from jdjax.econ import page_env, vb_tuning
+from jdjax.io import as_path, save_figure, write_json, write_text
 from jdjax.models.page_click import make_ctr_fn
 from jdjax.tasks import page_click
 from jdjax.train import sweep
-from jdjax.io import as_path, save_figure, write_json, write_text
 from jdjax.train.logging import is_main_process
 
 CLICK_MODELS = {"context": True, "no_context": False}

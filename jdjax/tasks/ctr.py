@@ -38,15 +38,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jdjax.data.features import FeatureMap
 from jdjax.data.pipeline import ArraySource
+from jdjax.io import as_path, write_json, write_text
 from jdjax.metrics import ctr as ctr_metrics
 from jdjax.models import cscnn, dadnn, din
-from jdjax.data.features import FeatureMap
-from jdjax.train.task import Task
 from jdjax.train import sharding as shd
 from jdjax.train import sweep
-from jdjax.io import as_path, write_json, write_text
 from jdjax.train.logging import is_main_process
+from jdjax.train.task import Task
 from jdjax.train.validation import UsageError
 
 FAMILIES = {"behaviour": din.MODELS, "scenes": dadnn.MODELS, "images": cscnn.MODELS}

@@ -25,14 +25,14 @@ import jax
 import jax.numpy as jnp
 
 from jdjax.data import images
+from jdjax.io import as_path, write_json, write_text
 from jdjax.merging import flops, schedules
 from jdjax.nn.lora import LoRAConfig, lora_trainable_pattern
 from jdjax.nn.vit import MergeConfig, ViT, vit_config
-from jdjax.train.task import Task
 from jdjax.tasks.classification import classification_task, data_errors, image_splits
 from jdjax.train import sweep
-from jdjax.io import as_path, write_json, write_text
 from jdjax.train.logging import is_main_process
+from jdjax.train.task import Task
 
 METHODS = ("lora", "tome", "pyra")
 COMPRESSIONS = ("low", "high")

@@ -14,8 +14,8 @@ from __future__ import annotations
 import sys
 
 from jdjax import cli
-from jdjax.tasks import ctr
 from jdjax.io import as_path
+from jdjax.tasks import ctr
 
 
 def main(config, workdir: str) -> None:

@@ -26,8 +26,8 @@ from absl import flags
 
 from jdjax import cli, tasks
 from jdjax.data import vtab
-from jdjax.train import sweep
 from jdjax.io import as_path, write_json, write_text
+from jdjax.train import sweep
 from jdjax.train.logging import is_main_process
 
 _TASKS = flags.DEFINE_list("tasks", list(vtab.TASKS), "VTAB-1k tasks to run (default: all 19).")

@@ -22,10 +22,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from jdjax.data import pipeline
-from jdjax.train.task import Task
+from jdjax.io import as_path, write_json
 from jdjax.train import sharding as shd
 from jdjax.train.checkpoint import Checkpointer, abstract_with_shardings
-from jdjax.io import as_path, write_json
 from jdjax.train.logging import (
     Chrono,
     MetricWriter,
@@ -35,6 +34,7 @@ from jdjax.train.logging import (
 )
 from jdjax.train.optim import count_params, make_optimizer, trainable_mask
 from jdjax.train.state import TrainState
+from jdjax.train.task import Task
 from jdjax.train.validation import check_loop_config
 
 # Steps dispatched ahead of the host. Enough to hide dispatch latency; unbounded queues of

@@ -29,8 +29,8 @@ import traceback
 from collections.abc import Callable
 
 from jdjax.io import as_path, read_json, write_json
-from jdjax.train.loop import Preemption
 from jdjax.train.logging import is_main_process
+from jdjax.train.loop import Preemption
 
 RESULTS_FILE = "results.json"
 COMPLETED, PREEMPTED, FAILED = "completed", "preempted", "failed"

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from jdjax.data import clicklog
-from jdjax.models import cscnn
 from jdjax.data.features import FeatureMap
+from jdjax.models import cscnn
 
 K = 5  # prior-table rows
 

@@ -10,9 +10,9 @@ import optax
 import pytest
 
 from jdjax.data import clicklog
+from jdjax.data.features import FeatureMap
 from jdjax.models import dadnn
 from jdjax.nn.ctr.embedding import Embeddings
-from jdjax.data.features import FeatureMap
 from jdjax.nn.ctr.layers import MLP
 
 B = 32

@@ -233,8 +233,8 @@ def test_random_error_per_table_row_equals_per_behaviour(name):
     import flax.linen as nn
 
     from jdjax.data import clicklog
-    from jdjax.models.din import BehaviourCTR
     from jdjax.data.features import FeatureMap
+    from jdjax.models.din import BehaviourCTR
 
     log = clicklog.generate("tiny", seed=0)["train"]
     fmap = FeatureMap.fit(clicklog.features(8, clicklog.SIZES["tiny"].maxlen), log)

@@ -8,8 +8,8 @@ import optax
 import pytest
 
 from jdjax.data import clicklog
-from jdjax.models.din import BehaviourCTR
 from jdjax.data.features import FeatureMap
+from jdjax.models.din import BehaviourCTR
 
 B = 16
 

@@ -9,8 +9,8 @@ import optax
 import pytest
 
 from jdjax.data import clicklog
-from jdjax.models.din import MODELS, BehaviourCTR
 from jdjax.data.features import FeatureMap
+from jdjax.models.din import MODELS, BehaviourCTR
 
 B = 16
 

@@ -61,6 +61,27 @@ def images(shape, seed=0):
     return np.random.default_rng(seed).uniform(-1, 1, size=shape).astype(np.float32)
 
 
+# The tiny ViT of the ViT tests (test_vit*.py): `vit_tiny.TINY` keyword arguments, `IMAGES` batch shape.
+TINY_VIT = dict(num_classes=5, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64)
+VIT_IMAGES = (2, 16, 16, 3)  # 4x4 patches + CLS = 17 tokens
+
+
+@pytest.fixture(scope="module")
+def base_params(nn_helpers):
+    """Random parameters of the tiny ViT (with a non-zero head)."""
+    from jdjax.nn.vit import ViT
+
+    return nn_helpers.random_params(ViT(**TINY_VIT), np.zeros(VIT_IMAGES, np.float32))
+
+
+@pytest.fixture(scope="module")
+def x():
+    """A batch of VIT_IMAGES images in [-1, 1]."""
+    import jax.numpy as jnp
+
+    return jnp.asarray(images(VIT_IMAGES))
+
+
 @pytest.fixture(scope="session")
 def nn_helpers():
     return types.SimpleNamespace(

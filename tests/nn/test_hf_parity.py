@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from jdjax.nn.clip import CLIP
+from jdjax.nn.convert import from_hf_clip, from_hf_vit
 from jdjax.nn.vit import ViT
 from jdjax.testing import random_images, randomize_torch, torch_nchw, torch_numpy
-from jdjax.nn.convert import from_hf_clip, from_hf_vit
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

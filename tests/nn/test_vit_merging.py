@@ -13,19 +13,8 @@ from jdjax.nn.attention import MultiHeadAttention
 from jdjax.nn.lora import LoRAConfig
 from jdjax.nn.vit import EncoderBlock, MergeConfig, TokenMerger, ViT, vit_config
 
-TINY = dict(num_classes=5, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64)
-IMAGES = (2, 16, 16, 3)  # 4x4 patches + CLS = 17 tokens
-
-
-@pytest.fixture(scope="module")
-def base_params(nn_helpers):
-    """Random parameters of the tiny ViT (with a non-zero head)."""
-    return nn_helpers.random_params(ViT(**TINY), jnp.zeros(IMAGES))
-
-
-@pytest.fixture(scope="module")
-def x(nn_helpers):
-    return jnp.asarray(nn_helpers.images(IMAGES))
+TINY = dict(num_classes=5, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64)  # = conftest.TINY_VIT
+IMAGES = (2, 16, 16, 3)  # = conftest.VIT_IMAGES: 4x4 patches + CLS = 17 tokens
 
 
 # ----------------------------------------------------------------------------- merging
@@ -119,8 +108,6 @@ def test_merge_config_is_hashable_and_checked_against_depth():
     assert len({MergeConfig(r=[3, 2]), MergeConfig(r=(3, 2)), MergeConfig()}) == 2
     with pytest.raises(ValueError, match="list schedule has 3 entries"):
         ViT(**TINY, merge=MergeConfig(r=[1, 1, 1])).token_counts(16)
-
-
 
 
 def test_gradients_reach_lora_and_pyra(nn_helpers, x):

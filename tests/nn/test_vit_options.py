@@ -7,19 +7,8 @@ import pytest
 
 from jdjax.nn.vit import MergeConfig, ViT
 
-TINY = dict(num_classes=5, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64)
-IMAGES = (2, 16, 16, 3)  # 4x4 patches + CLS = 17 tokens
-
-
-@pytest.fixture(scope="module")
-def base_params(nn_helpers):
-    """Random parameters of the tiny ViT (with a non-zero head)."""
-    return nn_helpers.random_params(ViT(**TINY), jnp.zeros(IMAGES))
-
-
-@pytest.fixture(scope="module")
-def x(nn_helpers):
-    return jnp.asarray(nn_helpers.images(IMAGES))
+TINY = dict(num_classes=5, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64)  # = conftest.TINY_VIT
+IMAGES = (2, 16, 16, 3)  # = conftest.VIT_IMAGES: 4x4 patches + CLS = 17 tokens
 
 
 # ----------------------------------------------------------------------------- dtype, remat, scan

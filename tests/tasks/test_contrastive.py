@@ -7,8 +7,8 @@ import math
 import os
 import subprocess
 
-import flax.linen as nn
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -15,8 +15,8 @@ from fsspec.implementations.memory import MemoryFileSystem
 from fsspec.registry import _registry
 
 from configs import vit
-from jdjax.data.pipeline import ArraySource
 from jdjax import io
+from jdjax.data.pipeline import ArraySource
 from jdjax.train import loop, sweep
 from jdjax.train.checkpoint import Checkpointer, CheckpointError, read_state, saved_steps
 from jdjax.train.logging import MetricWriter, save_config

@@ -16,10 +16,10 @@ import pytest
 from configs import vit
 from jdjax import testing
 from jdjax.data.pipeline import ArraySource
-from jdjax.train.task import Task
 from jdjax.train import loop
 from jdjax.train import sharding as shd
 from jdjax.train.checkpoint import read_state, saved_steps
+from jdjax.train.task import Task
 
 SMOKE = "configs/vit.py:smoke"
 # Adam divides by sqrt(v) + eps. The attention key bias has a true gradient of exactly 0 (softmax
