@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from jdjax import io
 from jdjax.econ import delayed_feedback as df
 from jdjax.econ import report
 
@@ -632,7 +633,7 @@ def run_delayed_feedback(cfg, workdir: str) -> dict:
     for name in names:
         horizon = cfg.criteo_horizon if SCENARIOS[name].criteo else cfg.horizon
         groups.setdefault(horizon, []).append(name)
-    os.makedirs(workdir, exist_ok=True)
+    io.as_path(workdir).mkdir(parents=True, exist_ok=True)
     results = {}
     n_chunks = sum(math.ceil(len(g) * cfg.num_replications / cfg.chunk_size) for g in groups.values())
     with jax.enable_x64(True), tqdm(total=n_chunks * len(cfg.policies.split(",")), desc="delayed feedback") as progress:
@@ -643,5 +644,5 @@ def run_delayed_feedback(cfg, workdir: str) -> dict:
     reference = {key: text for key, text in PAPER_REGRET.items() if key[0] in at_paper_horizon}
     table = {"rows": report.regret_table(results, reference), "protocol": cfg.to_dict()}
     report.write_table(table, workdir)
-    report.plot_regret_curves(results, os.path.join(workdir, "regret_curve.png"), t_min=cfg.t_min)
+    report.plot_regret_curves(results, io.as_path(workdir) / "regret_curve.png", t_min=cfg.t_min)
     return table
