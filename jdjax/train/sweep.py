@@ -11,8 +11,8 @@ On-disk contract:
                                            "preempted"  stopped by SIGTERM; a rerun resumes it
                                            "failed"     raised ("error" says what); a rerun retries it
 
-A job is `run(job_workdir) -> dict` holding "status" ("completed" or "preempted"; a loop run's
-`train_and_evaluate` results qualify as they are). A job that raises is recorded as failed, its
+A job is `run(job_workdir) -> dict` holding "status" ("completed", "preempted", or "failed" for a
+nested sweep whose own jobs failed; a loop run's `train_and_evaluate` results qualify as they are). A job that raises is recorded as failed, its
 error is printed, and the sweep goes on with the next job. SIGTERM (a preempted pod) lets the
 running job save and stop (the loop's own handler), then the sweep starts no further job. The
 sweep's status is "preempted" if it was stopped, else "failed" if any job failed, else
@@ -98,6 +98,9 @@ def run_sweep(workdir, jobs: list[Job], log: Callable[[str], None] | None = None
                 failed[job.name] = error
                 continue
             write_results(sub, out)
+            if out.get("status") == FAILED:  # a nested sweep whose own jobs failed
+                failed[job.name] = str(out.get("error") or out.get("failed"))
+                continue
             if out.get("status") != COMPLETED:  # the job saved its state and stopped (SIGTERM)
                 status = PREEMPTED
                 break

@@ -26,6 +26,8 @@ class Recorder:
                 raise RuntimeError(f"{name} broke")
             if what == "preempt":
                 return {"status": "preempted", "step": 3}
+            if what == "nested_failure":
+                return {"status": "failed", "failed": {"inner": "RuntimeError: x"}}
             if what == "sigterm":
                 os.kill(os.getpid(), signal.SIGTERM)
             return {"status": "completed", "value": name}
@@ -73,6 +75,13 @@ def test_failed_job_is_reported_and_the_rest_go_on(tmp_path, capsys):
     rec.behaviour = {}  # fixed: the rerun retries only the failed job
     out = sweep.run_sweep(tmp_path, rec.jobs("a", "b", "c"))
     assert rec.calls == ["a", "b", "c", "b"] and out.status == "completed"
+
+
+def test_a_nested_sweep_with_failures_counts_as_failed_and_the_rest_go_on(tmp_path):
+    rec = Recorder(b="nested_failure")
+    out = sweep.run_sweep(tmp_path, rec.jobs("a", "b", "c"))
+    assert rec.calls == ["a", "b", "c"] and out.status == "failed" and list(out.failed) == ["b"]
+    assert status_of(tmp_path, "b") == "failed"
 
 
 def test_sigterm_lets_the_running_job_finish_and_starts_no_other(tmp_path):
