@@ -50,7 +50,8 @@ def test_smoke_run_reports_every_mechanism_and_reuses_trained_click_models(tmp_p
     # The click models are reused, not retrained, by a second call.
     capsys.readouterr()
     models = ad_blending.train_click_models(cfg, str(tmp_path))
-    assert set(models) == {"context", "no_context"} and "training" not in capsys.readouterr().out
+    assert models.status == "completed" and list(models.results) == ["click_context", "click_no_context"]
+    assert " -> " not in capsys.readouterr().out  # the sweep logs "<job> -> <dir>" only for jobs it runs
 
 
 def test_bad_auction_settings_are_rejected_before_anything_runs(tmp_path):
