@@ -34,6 +34,7 @@ setup(
         "Pillow>=10",  # image resizing (TFDS reader) and the merging visualisation
         "pyarrow>=14",  # Parquet multi-scene click logs (data/clicklog.py)
         "safetensors>=0.4",  # .safetensors checkpoints in the converters
+        "av>=12",  # PyAV: decoding the text-video retrieval videos (data/video.py)
     ],
     extras_require={
         # The test extra installs what the reader and parity tests need, so CI runs them all.
@@ -44,6 +45,9 @@ setup(
             "portpicker>=1.6",  # free ports for the multi-process tests
             "fsspec>=2023.1",  # an in-memory gs:// filesystem for the workdir I/O tests
             "tensorflow-datasets>=4.9.7",
+            # OpenAI's bpe_simple_vocab_16e6.txt.gz and reference tokenizer (needs only ftfy, regex);
+            # not open_clip_torch, which pulls a torchvision that breaks transformers' ViT imports.
+            "openai-clip==1.0.1",
             TORCH,
             TRANSFORMERS,
         ],

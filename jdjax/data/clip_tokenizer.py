@@ -5,7 +5,9 @@ Pipeline for one text (same order as OpenAI's `simple_tokenizer`):
 1. cleanup: Unicode NFC, `html.unescape` twice, every whitespace run -> one space, strip.
    (OpenAI also runs `ftfy.fix_text`; ftfy is not a dependency here. NFC is ftfy's default
    normalisation; its other fixes -- mojibake, curly quotes, full-width forms, ligatures --
-   are not applied, so texts that need them can tokenise differently from OpenAI's.)
+   are not applied, so texts that need them tokenise differently from OpenAI's: `don’t` (curly
+   apostrophe) or the mojibake `cafÃ©`. Run `ftfy.fix_text` first where that matters; otherwise
+   the ids equal OpenAI's, which tests/data/test_clip_tokenizer.py checks on the real file.)
 2. lower-case;
 3. pre-tokenise with the CLIP pattern (case-insensitive)
    `<|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+`
@@ -121,18 +123,25 @@ def _parse_merges(merges: Iterable[str | Sequence[str]]) -> list[tuple[str, str]
 
 
 def read_merges(path: str | os.PathLike, num_merges: int | None = NUM_MERGES) -> list[tuple[str, str]]:
-    """Merges from a CLIP BPE file: a `#version` header line, then one 'a b' merge a line.
+    """Merges from a CLIP BPE file: a header line, then one 'a b' merge a line.
 
     Reads gzip (`bpe_simple_vocab_16e6.txt.gz`) or, detected by its magic bytes, plain text
     (e.g. a Hugging Face `merges.txt`). Keeps the first `num_merges` merges, as OpenAI does
     (default 48,894); `None` keeps all of them.
+
+    Header rule: like OpenAI's loader, line 0 is dropped whatever else it holds, but it must
+    contain '#version'. OpenAI's own file (also shipped in the openai-clip and open_clip_torch packages)
+    starts `"bpe_simple_vocab_16e6.txt#version: 0.2` -- a stray tar member name before the
+    header -- and a Hugging Face `merges.txt` starts `#version: 0.2`. A first line without
+    '#version' is refused rather than dropped: the file is either not a merges file or a
+    header-less one, whose first merge OpenAI's loader would silently lose (shifting every id).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"CLIP BPE vocabulary file {path!r} does not exist. Download OpenAI's "
             "`bpe_simple_vocab_16e6.txt.gz` (it ships in the openai/CLIP repository under "
-            "clip/) and pass its path."
+            "clip/, and in the `openai-clip` package: `pip install openai-clip`) and pass its path."
         )
     with open(path, "rb") as f:
         raw = f.read()
@@ -147,11 +156,13 @@ def read_merges(path: str | os.PathLike, num_merges: int | None = NUM_MERGES) ->
             "it again."
         ) from e
     lines = text.split("\n")
-    if not lines[0].startswith("#version"):
+    if "#version" not in lines[0]:
         raise ValueError(
-            f"CLIP BPE vocabulary file {path!r} does not start with a '#version' header line "
-            f"(first line: {lines[0][:80]!r}), so it is not a CLIP/GPT-2 merges file. Pass "
-            "OpenAI's `bpe_simple_vocab_16e6.txt.gz`."
+            f"CLIP BPE vocabulary file {path!r} has no '#version' header on its first line "
+            f"(first line: {lines[0][:80]!r}), so it is not a CLIP/GPT-2 merges file, or it lacks "
+            "the header line that OpenAI's loader skips. Pass OpenAI's "
+            "`bpe_simple_vocab_16e6.txt.gz`, or add a '#version: 0.2' first line to a header-less "
+            "merges file."
         )
     body = lines[1:]
     while body and not body[-1].strip():

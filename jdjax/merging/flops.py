@@ -173,3 +173,38 @@ def count_model(model, image_size: int | Sequence[int] | None = None) -> ViTMacs
         merge_r=model.merge.schedule(model.depth),
         num_classes=model.num_classes,
     )
+
+
+def video_macs(plan, *, image_size: int | Sequence[int], patch_size: int, width: int, num_heads: int,
+               mlp_dim: int, num_frames: int) -> ViTMacs:
+    """MACs of one video through a TempMe / CLIP video tower (the visual tower only, as the paper's
+    GFLOPs), from its static plan (`jdjax.merging.tempme.plan_layers`).
+
+    Per layer l with F_l sequences per video, N_l tokens in attention and N_l - r_l in the MLP:
+    F_l (3 N_l C^2 + 2 N_l^2 C + N_l C^2 + 2 (N_l - r_l) C M), plus T patch embeddings. The
+    class-token projection and the matching are not counted (as in `vit_macs`); `matching` holds
+    the similarity MACs of the cross-clip (C-wide residual metric) and intra-clip (Dh-wide keys)
+    merges apart. `token_counts` lists N_0 and the
+    tokens leaving every layer per sequence; `schedule` the tokens each layer removes per sequence.
+    Released B/32: 34.70 G vs 52.90 G dense (spec §2.2).
+    """
+    gh, gw = _grid(image_size, patch_size)
+    c, m = width, mlp_dim
+    qkv = attention = out_proj = mlp = matching = 0
+    per_block = []
+    for p in plan:
+        n, f = p.tokens_attn, p.clips
+        block = (f * 3 * n * c * c, f * 2 * n * n * c, f * n * c * c, f * 2 * p.tokens_out * c * m)
+        qkv, attention, out_proj, mlp = (t + b for t, b in zip((qkv, attention, out_proj, mlp), block))
+        per_block.append(sum(block))
+        for r, tokens, dim in ((p.cross_r, n + p.cross_r, c), (p.intra_r, n, c // num_heads)):
+            if r:
+                patches = tokens - p.num_cls
+                matching += f * ((patches + 1) // 2) * (patches // 2) * dim
+    return ViTMacs(
+        patch_embed=num_frames * gh * gw * patch_size * patch_size * 3 * c,
+        qkv=qkv, attention=attention, out_proj=out_proj, mlp=mlp, matching=matching, head=0,
+        per_block=tuple(per_block),
+        schedule=tuple(p.cross_r + p.intra_r for p in plan),
+        token_counts=(plan[0].tokens_in,) + tuple(p.tokens_out for p in plan),
+    )

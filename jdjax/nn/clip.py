@@ -102,27 +102,39 @@ class CLIPVisionTower(ImageEncoder):
         ln_post, = Hugging Face's vision last_hidden_state), info['size'] [B, N_L, 1] and, with
         merge.trace_source, info['source'].
         """
-        b, c = images.shape[0], self.width
-        scale = c**-0.5
-        x, grid = patch_embedding(images, self.patch_size, c, use_bias=False, name="conv1", dtype=self.dtype,
-                                  param_dtype=self.param_dtype)  # [B, N-1, C]
-        cls = self.param("class_embedding", logical(_normal(scale), ("embed",)), (c,), self.param_dtype)
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, c)), x], axis=1)  # [B, N, C]
-        pos = grid_pos_embedding(
-            self, "positional_embedding", _normal(scale), ("pos", "embed"), grid, c,
-            model_grid=image_grid(self.image_size, self.patch_size), interpolation=self.pos_interpolation,
-            leading_one=False,
-        )  # [N, C]
-        x = x + pos.astype(x.dtype)[None]
-        x = layer_norm("ln_pre", self.ln_eps, self.dtype, self.param_dtype)(x)
+        x = image_tokens(self, images)  # [B, N, C]
         x, size, source = encoder_stack(
-            x, encoder_block_kwargs(self, self.num_heads, self.mlp_dim or 4 * c, merge=self.merge),
+            x, encoder_block_kwargs(self, self.num_heads, self.mlp_dim or 4 * self.width, merge=self.merge),
             self.merge.schedule(self.depth), deterministic=not train, remat=self.remat, scan=self.scan,
         )  # [B, N_L, C]
-        pooled = layer_norm("ln_post", self.ln_eps, self.dtype, self.param_dtype)(x[:, 0])  # [B, C]
-        proj = self.param("proj", logical(_normal(scale), ("embed", None)), (c, self.embed_dim), self.param_dtype)
-        out = (pooled @ proj.astype(self.dtype)).astype(jnp.float32)  # [B, E]
+        out = project_class_tokens(self, x[:, 0])  # [B, E]
         return (out, merge_info(x, size, source, self.merge.trace_source)) if return_info else out
+
+
+def image_tokens(tower: CLIPVisionTower, images):
+    """The tower's input tokens, inside its compact method: images [B, H, W, 3] -> conv1 patches
+    (no bias), class embedding first, + positions, ln_pre -> [B, 1 + (H/P)(W/P), C]."""
+    b, c = images.shape[0], tower.width
+    scale = c**-0.5
+    x, grid = patch_embedding(images, tower.patch_size, c, use_bias=False, name="conv1", dtype=tower.dtype,
+                              param_dtype=tower.param_dtype)  # [B, N-1, C]
+    cls = tower.param("class_embedding", logical(_normal(scale), ("embed",)), (c,), tower.param_dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, c)), x], axis=1)  # [B, N, C]
+    pos = grid_pos_embedding(
+        tower, "positional_embedding", _normal(scale), ("pos", "embed"), grid, c,
+        model_grid=image_grid(tower.image_size, tower.patch_size), interpolation=tower.pos_interpolation,
+        leading_one=False,
+    )  # [N, C]
+    x = x + pos.astype(x.dtype)[None]
+    return layer_norm("ln_pre", tower.ln_eps, tower.dtype, tower.param_dtype)(x)
+
+
+def project_class_tokens(tower: CLIPVisionTower, cls):
+    """ln_post, then @ proj: class tokens [..., C] -> [..., E] float32 (not normalised)."""
+    pooled = layer_norm("ln_post", tower.ln_eps, tower.dtype, tower.param_dtype)(cls)
+    proj = tower.param("proj", logical(_normal(tower.width**-0.5), ("embed", None)), (tower.width, tower.embed_dim),
+                       tower.param_dtype)
+    return (pooled @ proj.astype(tower.dtype)).astype(jnp.float32)
 
 
 class CLIPTextTower(nn.Module):
@@ -242,7 +254,7 @@ class CLIP(nn.Module):
         common = dict(embed_dim=self.embed_dim, ln_eps=self.ln_eps, activation=self.activation,
                       attention_dropout=self.attention_dropout, drop_path=self.drop_path, remat=self.remat,
                       scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.visual = CLIPVisionTower(
+        self.visual = self.vision_tower(
             image_size=self.image_size, patch_size=self.patch_size, width=self.vision_width, depth=self.vision_layers,
             num_heads=self.vision_heads, mlp_dim=self.vision_mlp_dim, pos_interpolation=self.pos_interpolation,
             merge=self.merge, lora=self.lora, **common,
@@ -255,6 +267,11 @@ class CLIP(nn.Module):
         self.logit_scale = self.param(
             "logit_scale", logical(nn.initializers.constant(math.log(1 / 0.07)), ()), (), self.param_dtype
         )
+
+    @nn.nowrap
+    def vision_tower(self, **kwargs) -> nn.Module:
+        """The image tower built in setup; a subclass may return another (e.g. a video tower)."""
+        return CLIPVisionTower(**kwargs)
 
     def token_counts(self, image_size=None) -> list[int]:
         """Image tower tokens [N_0, ..., N_L] (static, from the schedule)."""

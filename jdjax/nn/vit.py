@@ -26,6 +26,7 @@ With `scan=True` the blocks are one module `blocks` whose parameters have a lead
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -71,8 +72,6 @@ class MergeConfig:
         depth (stored as a tuple); 0 merges nothing. For ToMe's decreasing schedule pass
         `schedules.parse_r((r, inflect), depth)`.
       mode: 'tome' (size-weighted average) or 'pyra' (PYRA's modulated merge, with parameters).
-      merger: the hook's module class, None for TokenMerger; a replacement takes the same
-        attributes (r, merge, param_dtype) and call signature.
       prop_attn: add log(size) to the attention logits once tokens were merged.
       trace_source: carry the [B, N, N0] source map through the merges (info['source']).
       pyra_ln_eps: epsilon of PYRA's LayerNorm.
@@ -81,7 +80,6 @@ class MergeConfig:
 
     r: int | tuple[int, ...] = 0
     mode: str = "tome"
-    merger: Any = None
     prop_attn: bool = True
     trace_source: bool = False
     pyra_ln_eps: float = 1e-5
@@ -356,10 +354,8 @@ class TokenMerger(nn.Module):
     parameters pyra_w_r [r, 1] ~ U(-1, 1), pyra_w_d [C] = 0, pyra_norm_scale [C] = 1,
     pyra_norm_bias [C] = 0 (LayerNorm eps `merge.pyra_ln_eps`); at init it equals ToMe.
     r is the static request; the 50% clamp gives the r actually merged (PYRA's W_r has that
-    many rows, so a PYRA schedule should not hit the clamp).
-
-    Replace it by another module class with the same attributes and call signature, given as
-    `MergeConfig(merger=...)`.
+    many rows, so a PYRA schedule should not hit the clamp). Another merger replaces it per
+    block through EncoderBlock's `post_attention`.
     """
 
     r: int
@@ -403,9 +399,14 @@ class EncoderBlock(nn.Module):
       qkv_bias: bias on the fused qkv projection.
       attention_dropout: on the attention weights. drop_path: stochastic depth rate.
       r: tokens this block merges (static); 0 skips the hook entirely.
-      merge: the token-reduction hook (mode, merger, prop_attn, trace_source, ...); its r is the
+      merge: the token-reduction hook (mode, prop_attn, trace_source, ...); its r is the
         model's schedule, of which this block gets `r`.
       lora: LoRA on the block's projections (targets among 'qkv', 'out', 'fc1', 'fc2').
+      pre_attention: optional hook on the residual stream before LN1, a module factory called as
+        `pre_attention(name="pre_merge")(x, size, source, deterministic) -> (x, size, source)`;
+        it may change the batch and token axes (TempMe's clip grouping and cross-clip merge).
+      post_attention: optional module factory replacing the ToMe / PYRA merger (built from r and
+        merge), called as `post_attention(name="merge")(x, keys, size, source, deterministic)`.
     """
 
     num_heads: int
@@ -421,6 +422,8 @@ class EncoderBlock(nn.Module):
     r: int = 0
     merge: MergeConfig = MergeConfig()
     lora: LoRAConfig = LoRAConfig()
+    pre_attention: Any = None
+    post_attention: Any = None
 
     @nn.compact
     def __call__(self, x, size=None, source=None, mask=None, deterministic: bool = True):
@@ -434,8 +437,13 @@ class EncoderBlock(nn.Module):
         Returns:
           (x [B, N - r, C], size, source): size and source stay None until a merge happens.
         """
-        if self.r and mask is not None:
-            raise ValueError("token merging (r > 0) cannot be combined with an attention mask.")
+        merger = self.post_attention
+        if merger is None and self.r > 0:
+            merger = functools.partial(TokenMerger, self.r, self.merge, self.param_dtype)
+        if (merger or self.pre_attention) and mask is not None:
+            raise ValueError("token merging cannot be combined with an attention mask.")
+        if self.pre_attention is not None:
+            x, size, source = self.pre_attention(name="pre_merge")(x, size, source, deterministic)
         key_bias = tome.proportional_attention_bias(size) if (self.merge.prop_attn and size is not None) else None
         h = layer_norm("ln1", self.ln_eps, self.dtype, self.param_dtype)(x)
         h, keys = MultiHeadAttention(
@@ -444,11 +452,8 @@ class EncoderBlock(nn.Module):
         )(h, key_bias=key_bias, mask=mask, deterministic=deterministic)  # [B, N, C], [B, N, H, Dh]
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         x = x + drop_path(self, h, self.drop_path, deterministic)
-        if self.r > 0:
-            merger = self.merge.merger or TokenMerger
-            x, size, source = merger(self.r, self.merge, self.param_dtype, name="merge")(
-                x, keys, size, source, deterministic
-            )  # [B, N - r, C]
+        if merger is not None:
+            x, size, source = merger(name="merge")(x, keys, size, source, deterministic)  # [B, N - r, C]
         h = layer_norm("ln2", self.ln_eps, self.dtype, self.param_dtype)(x)
         h = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, activation=self.activation,
                      lora=self.lora, name="mlp")(h, deterministic)
@@ -478,6 +483,7 @@ def encoder_stack(
     deterministic: bool = True,
     remat: bool = False,
     scan: bool = False,
+    layer_kwargs: Sequence[dict] | None = None,
 ):
     """Runs len(schedule) EncoderBlocks inside the calling compact method (children `block{i}`,
     or one scanned `blocks` with a leading layer axis).
@@ -488,13 +494,14 @@ def encoder_stack(
       remat: rematerialise each block in the backward pass (saves activation memory).
       scan: `nn.scan` over layers (one compiled block, stacked parameters). Only for a schedule
         of zeros: a merge changes the token count, which a scan carry cannot.
+      layer_kwargs: per layer, extra EncoderBlock attributes (e.g. the pre/post-attention hooks).
 
     Returns:
       (x [B, N_L, C], size, source).
     """
     block_cls = nn.remat(EncoderBlock, static_argnums=(5,)) if remat else EncoderBlock  # (self, x, size, source, mask, det)
     if scan:
-        if any(schedule):
+        if any(schedule) or any(layer_kwargs or ()):
             raise ValueError(
                 f"scan=True needs a merge schedule of zeros (merging changes the token count per layer), got "
                 f"{list(schedule)}; set scan=False to merge tokens."
@@ -515,7 +522,9 @@ def encoder_stack(
         x, _ = scanned(block_cls(**block_kwargs, r=0, name="blocks"), x, mask)
         return x, size, source
     for i, r in enumerate(schedule):
-        x, size, source = block_cls(**block_kwargs, r=int(r), name=f"block{i}")(x, size, source, mask, deterministic)
+        extra = layer_kwargs[i] if layer_kwargs else {}
+        x, size, source = block_cls(**block_kwargs, **extra, r=int(r), name=f"block{i}")(
+            x, size, source, mask, deterministic)
     return x, size, source
 
 
@@ -546,7 +555,7 @@ class ImageEncoder(nn.Module, kw_only=True):
 
     Attributes:
       attention_dropout, drop_path: as in EncoderBlock.
-      merge: token merging (MergeConfig: schedule r, mode, merger, prop_attn, trace_source, ...).
+      merge: token merging (MergeConfig: schedule r, mode, prop_attn, trace_source, ...).
       lora: LoRA in every block (jdjax.nn.lora.LoRAConfig).
       remat, scan: rematerialised blocks; nn.scan over layers (only without merging).
     """

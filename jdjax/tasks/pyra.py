@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import os
 
-import jax
 import jax.numpy as jnp
 
 from jdjax.data import images
-from jdjax.io import as_path, write_json, write_text
+from jdjax.io import as_path
 from jdjax.merging import flops, schedules
 from jdjax.nn.lora import LoRAConfig, lora_trainable_pattern
 from jdjax.nn.vit import MergeConfig, ViT, vit_config
@@ -165,10 +164,6 @@ def export_backbone(config, workdir: str, results: dict) -> str:
             convert.Converted(params, "ViT", kwargs, source_format="jdjax"), backbone, overwrite=True,
             source=f"{workdir} (val-selected step {results['selected_step']}, val accuracy {results['val/accuracy']:.4f})",
         )
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("pretrain_exported")
     return backbone
 
 
@@ -225,21 +220,13 @@ def transfer_job(config, method: str, compression: str, backbone: str) -> sweep.
 
 def run(config, workdir: str) -> dict:
     """Pretrains if needed, trains every (method, compression) run, writes and prints the comparison."""
-    backbone = config.init_from
-    if not backbone:
-        pre = sweep.run_sweep(workdir, [pretrain_job(config)], desc="pyra")
-        if pre.status != sweep.COMPLETED:
-            return {"status": pre.status, "failed": pre.failed}
-        backbone = export_backbone(config, os.path.join(workdir, "pretrain"), pre.results["pretrain"])
-    out = sweep.run_sweep(workdir, [transfer_job(config, m, c, backbone) for m, c in runs(config)], desc="pyra")
+    out = sweep.run_from_backbone(
+        workdir, config.init_from, pretrain_job(config), lambda d, r: export_backbone(config, d, r),
+        lambda backbone: [transfer_job(config, m, c, backbone) for m, c in runs(config)], desc="pyra")
     if out.status != sweep.COMPLETED:
         return {"status": out.status, "failed": out.failed}
     rows = comparison(config, out.results)
-    table = format_table(rows)
-    if is_main_process():
-        write_text(as_path(workdir) / "comparison.md", table)
-        write_json(as_path(workdir) / "comparison.json", rows)
-        print("\n" + table, flush=True)
+    sweep.write_comparison(workdir, rows, format_table(rows))
     return {"status": "completed", "runs": rows}
 
 

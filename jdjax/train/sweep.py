@@ -28,7 +28,9 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from jdjax.io import as_path, read_json, write_json
+import jax
+
+from jdjax.io import as_path, read_json, write_json, write_text
 from jdjax.train.logging import is_main_process
 from jdjax.train.loop import Preemption
 
@@ -113,3 +115,30 @@ def run_sweep(workdir, jobs: list[Job], log: Callable[[str], None] | None = None
     elif failed:
         status = FAILED
     return SweepResult(status, results, failed)
+
+
+def run_from_backbone(workdir, init_from: str, pretrain: Job, export: Callable[[str, dict], str],
+                      jobs: Callable[[str], list[Job]], desc: str = "sweep") -> SweepResult:
+    """The two-stage recipe of the transfer methods (PYRA, TempMe): without `init_from`, the `pretrain`
+    job runs first and `export(its workdir, its results) -> backbone path` (process 0 writes; every
+    process waits for it); then `jobs(backbone)` run as one sweep. Returns the failed or preempted
+    pretraining sweep as it is, else the second sweep."""
+    backbone = init_from
+    if not backbone:
+        pre = run_sweep(workdir, [pretrain], desc=desc)
+        if pre.status != COMPLETED:
+            return pre
+        backbone = export(str(as_path(workdir) / pretrain.name), pre.results[pretrain.name])
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"{desc}_backbone_exported")
+    return run_sweep(workdir, jobs(backbone), desc=desc)
+
+
+def write_comparison(workdir, rows: list[dict], table: str) -> None:
+    """comparison.md (the table) and comparison.json (the rows) in `workdir`, and the table printed (process 0)."""
+    if is_main_process():
+        write_text(as_path(workdir) / "comparison.md", table)
+        write_json(as_path(workdir) / "comparison.json", rows)
+        print("\n" + table, flush=True)

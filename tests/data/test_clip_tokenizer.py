@@ -1,11 +1,13 @@
 """CLIP BPE tokenizer (jdjax/data/clip_tokenizer.py): vocabulary layout, hand-checked BPE,
 byte-level round trips, SOT/EOT/padding/truncation, OpenAI-format file loading, errors.
 
-Merges are hand-written or learned here from a tiny corpus; the real OpenAI file is only used
-by the last test, when JDJAX_CLIP_BPE points at it.
+Merges are hand-written or learned here from a tiny corpus, except in the last tests: they load
+OpenAI's real `bpe_simple_vocab_16e6.txt.gz` and compare ids with OpenAI's own tokenizer, both
+taken from the `openai-clip` package of the test extra.
 """
 
 import gzip
+import importlib.util
 import itertools
 import os
 import pickle
@@ -296,6 +298,9 @@ def test_load_openai_format(tmp_path, learned):
     # Plain text (e.g. a Hugging Face merges.txt) is read too.
     plain = _write(tmp_path / "merges.txt", "\n".join(lines), compress=False)
     assert CLIPTokenizer.from_file(plain, num_merges=None).merges == merges
+    # OpenAI's real header carries a stray tar member name before '#version'; line 0 is skipped.
+    prefixed = _write(tmp_path / "prefixed.gz", '"bpe_simple_vocab_16e6.txt' + "\n".join(lines))
+    assert CLIPTokenizer.from_file(prefixed, num_merges=None).merges == merges
 
 
 def test_file_errors(tmp_path):
@@ -335,10 +340,88 @@ def test_constructor_errors():
 
 
 # ----------------------------------------------------------------------------- real file
+# The `openai-clip` package holds OpenAI's `clip/bpe_simple_vocab_16e6.txt.gz` (the same file as in
+# open_clip) and `clip/simple_tokenizer.py`, OpenAI's reference tokenizer. The package is located,
+# never imported (`clip/__init__` imports torch and torchvision); simple_tokenizer.py needs only
+# ftfy and regex, so it is loaded on its own.
+#
+# ftfy: OpenAI cleans every text with `ftfy.fix_text`, which this library does not (only the NFC
+# part). CAPTIONS need no ftfy fix and must give identical ids; FTFY_CAPTIONS (a curly apostrophe,
+# mojibake) are expected to differ, and agree once ftfy has fixed the text first.
+
+CAPTIONS = [
+    "a photo of a cat",
+    "A man is playing a guitar on stage.",
+    "Two dogs running in the park, one brown and one white!",
+    "the chef's knife cuts 3 tomatoes in 1.5 seconds",
+    "she's singing; they're dancing & we'll watch... isn't it fun?",
+    "I'M SURE IT'S FINE",
+    "a woman  \t explains\nhow to cook   pasta ",
+    "Cooking show: 'Pasta al dente' (episode #42) -- part 2/3",
+    "price: $19.99 (50% off) @ 10:30am",
+    "&amp;lt;b&amp;gt; html &quot;entities&quot;",
+    "café crème brûlée, naïve résumé",
+    "e\u0301le\u0300ve",  # decomposed accents: NFC
+    "東京の夜景 and 北京 streets",
+    "Ελληνικά και русский текст",
+    "emoji time 🎉🐱 👍🏽",
+    "hyphen-ated, under_scored and slash/separated CamelCaseWords",
+    "https://example.com/video?id=123&t=5s",
+    " ".join(["a person is talking about a video game"] * 12),  # 96 tokens: cut at 77
+]
+FTFY_CAPTIONS = ["don\u2019t stop the music", "the cafÃ© is open"]
 
 
-@pytest.mark.skipif(not os.environ.get("JDJAX_CLIP_BPE"), reason="set JDJAX_CLIP_BPE=bpe_simple_vocab_16e6.txt.gz")
-def test_openai_vocabulary_known_ids():
-    tok = CLIPTokenizer.from_file(os.environ["JDJAX_CLIP_BPE"])
+@pytest.fixture(scope="module")
+def openai_clip():
+    """(the real BPE file, our tokenizer on it, OpenAI's simple_tokenizer module, its SimpleTokenizer)."""
+    spec = importlib.util.find_spec("clip")
+    folder = os.path.dirname(spec.origin) if spec and spec.origin else ""
+    bpe, ref_py = (os.path.join(folder, f) for f in ("bpe_simple_vocab_16e6.txt.gz", "simple_tokenizer.py"))
+    if not (os.path.isfile(bpe) and os.path.isfile(ref_py)):
+        pytest.fail(f"OpenAI's CLIP files are not in the `clip` package ({folder or 'not installed'}); "
+                    "install the test extra: pip install -e '.[test]' (it installs openai-clip).")
+    ref_spec = importlib.util.spec_from_file_location("_openai_simple_tokenizer", ref_py)
+    ref_module = importlib.util.module_from_spec(ref_spec)
+    ref_spec.loader.exec_module(ref_module)
+    return bpe, CLIPTokenizer.from_file(bpe), ref_module, ref_module.SimpleTokenizer(bpe)
+
+
+def _openai_tokenize(ref, texts, context_length=77):
+    """OpenAI's `clip.tokenize(texts, truncate=True)` in NumPy (clip/clip.py imports torch)."""
+    sot, eot = ref.encoder["<|startoftext|>"], ref.encoder["<|endoftext|>"]
+    out = np.zeros((len(texts), context_length), np.int32)
+    for i, text in enumerate(texts):
+        tokens = [sot, *ref.encode(text), eot]
+        if len(tokens) > context_length:
+            tokens = tokens[:context_length]
+            tokens[-1] = eot
+        out[i, : len(tokens)] = tokens
+    return out
+
+
+def test_openai_vocabulary_known_ids(openai_clip):
+    bpe, tok, _, ref = openai_clip
+    with gzip.open(bpe, "rt", encoding="utf-8") as f:
+        assert f.readline().startswith('"bpe_simple_vocab_16e6.txt#version: 0.2')  # skipped, like OpenAI
     assert tok.vocab_size == 49408 and (tok.sot_token_id, tok.eot_token_id) == (49406, 49407)
+    assert tok.encoder == ref.encoder and list(tok.encoder) == list(ref.encoder)
+    assert tok.bpe_ranks == ref.bpe_ranks
     assert tok("a photo of a cat", context_length=8).tolist() == [[49406, 320, 1125, 539, 320, 2368, 49407, 0]]
+
+
+def test_matches_openai_tokenizer(openai_clip):
+    _, tok, _, ref = openai_clip
+    ours = tok.tokenize(CAPTIONS)
+    np.testing.assert_array_equal(ours, _openai_tokenize(ref, CAPTIONS))
+    assert ours[-1, -1] == tok.eot_token_id and (ours[:-1, -1] == 0).all()  # only the last one is cut
+    for text in CAPTIONS[:-1]:
+        assert tok.decode(tok.encode(text)) == ref.decode(ref.encode(text)).strip()
+
+
+def test_ftfy_is_the_expected_difference(openai_clip):
+    _, tok, ref_module, ref = openai_clip
+    for text in FTFY_CAPTIONS:
+        fixed = ref_module.ftfy.fix_text(text)  # "don't stop the music", "the café is open"
+        assert tok.encode(text) != ref.encode(text)
+        assert tok.encode(fixed) == ref.encode(text)
