@@ -24,7 +24,8 @@ def get_config(arg=None):
     c = common.base_config()
     c.task = "ctr"
     c.data = ml_collections.ConfigDict(
-        dict(name="ads", size=args.size, seed=0, embedding_dim=16, data_dir="", feature_map="", prefetch=4)
+        # oov_rate: training ids encoded as out of vocabulary, so unseen (val/test) ads read a trained row
+        dict(name="ads", size=args.size, seed=0, embedding_dim=16, data_dir="", feature_map="", oov_rate=0.01, prefetch=4)
     )
     c.model = ml_collections.ConfigDict(
         dict(

@@ -48,6 +48,7 @@ def get_config(arg=None):
             user_column="user",
             dense_columns="",
             feature_map="",
+            oov_rate=0.01,  # training ids encoded as out of vocabulary, so unseen ids read a trained row
             prefetch=4,
         )
     )

@@ -37,8 +37,14 @@ def get_config(arg=None):
             split="time",  # clicklog: 'time' (last impression per user is test) or 'user'
             embedding_dim=18,
             maxlen=100,  # amazon: most recent behaviours kept
+            negatives="unreviewed",  # amazon: 'unreviewed' (the paper: items the user never reviewed) or 'dien' (the
+            # DIEN code: any item but the positive); both drawn by popularity (jdjax/data/amazon.py)
+            dedup_category_level=-1,  # amazon: KFAtt-freq's de-duplication key: -1 the leaf category (the paper's
+            # 3rd level), k >= 1 categories[0][k] (Table 6: f-Cate2 = 2, f-Cate1 = 1)
+            infreq_threshold=2000,  # amazon: the 'infreq' slice: target category with fewer training positives
             data_dir="",
             feature_map="",  # an existing feature_map.json to reuse; '' builds one on the training split
+            oov_rate=0.01,  # training ids encoded as out of vocabulary, so unseen ids read a trained row
             prefetch=4,
         )
     )

@@ -3,11 +3,17 @@ gs://bucket/... URI (any path epath opens), given as a str, pathlib.Path or epat
 
 Writes never leave half a file: a local file is written under a temporary name and renamed over
 the target; an object in a bucket only replaces the old one when its upload completes.
+
+JSON is strict (RFC 8259, what `jq`, browsers and other languages read): a float that is not
+finite is written as the string "nan", "inf" or "-inf" (`str(x)`; `float("nan")` reads it back),
+never as a bare NaN/Infinity token. `read_json` turns those three strings back into floats.
+results.json, metrics.jsonl (`jdjax.train.logging`) and every other file written here follow it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 
@@ -35,13 +41,49 @@ def write_text(path: epath.PathLike, text: str) -> None:
     _write(as_path(path), text, "w")
 
 
+NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}  # the strings non-finite floats become
+
+
+def json_safe(obj):
+    """`obj` with every non-finite float (NumPy float64 included) replaced by "nan", "inf" or "-inf",
+    in dicts, lists and tuples at any depth; everything else as it is."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(float(obj))
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps(obj, indent: int | None = None) -> str:
+    """Strict JSON text of `obj` (see the module docstring: non-finite floats as strings)."""
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
+
+
+def loads(text: str):
+    """Parses JSON written by `dumps`: the strings "nan", "inf" and "-inf" come back as floats."""
+
+    def restore(value):
+        if isinstance(value, str):
+            return NON_FINITE.get(value, value)
+        if isinstance(value, dict):
+            return {k: restore(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [restore(v) for v in value]
+        return value
+
+    return restore(json.loads(text))
+
+
 def write_json(path: epath.PathLike, obj) -> None:
-    """Writes `obj` as indented JSON to `path` atomically (see `write_bytes`)."""
-    write_text(path, json.dumps(obj, indent=2) + "\n")
+    """Writes `obj` as indented strict JSON to `path` atomically (see `write_bytes`, `dumps`)."""
+    write_text(path, dumps(obj, indent=2) + "\n")
 
 
 def read_json(path: epath.PathLike):
-    return json.loads(as_path(path).read_text())
+    """The JSON in `path`, non-finite floats restored (see `loads`)."""
+    return loads(as_path(path).read_text())
 
 
 def _write(path: epath.Path, data, mode: str) -> None:

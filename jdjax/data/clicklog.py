@@ -486,15 +486,18 @@ def _scene_file(data_dir: str, split: str) -> str:
     )
 
 
-def _read_columns(path: str) -> dict[str, np.ndarray]:
-    """Columns of a CSV (with header; values as strings) or Parquet file (native types)."""
+def _read_columns(path: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Columns of a CSV (with header; values as strings) or Parquet file (native types), and the
+    row numbers messages name: the line number in a CSV file (the header is line 1), the 0-based
+    row index in a Parquet file (as pyarrow and pandas count)."""
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow (or convert the file to CSV).") from e
         table = pq.read_table(path)
-        return {name: np.asarray(table.column(name).to_numpy(zero_copy_only=False)) for name in table.column_names}
+        columns = {name: np.asarray(table.column(name).to_numpy(zero_copy_only=False)) for name in table.column_names}
+        return columns, np.arange(table.num_rows)
     import csv
     import gzip
 
@@ -505,12 +508,47 @@ def _read_columns(path: str) -> dict[str, np.ndarray]:
             header = next(reader)
         except StopIteration:
             raise ValueError(f"{path} is empty; expected a header row and one row per impression.") from None
-        rows = list(reader)
-    bad = next((i for i, r in enumerate(rows, 2) if len(r) != len(header)), None)
+        rows, lines = [], []
+        for row in reader:
+            rows.append(row)
+            lines.append(reader.line_num)  # the row's last line (a quoted field may span lines)
+    bad = next((i for i, r in enumerate(rows) if len(r) != len(header)), None)
     if bad is not None:
-        raise ValueError(f"{path}:{bad} has {len(rows[bad - 2])} fields, the header {len(header)}; is the file corrupt?")
+        raise ValueError(f"{path}:{lines[bad]} has {len(rows[bad])} fields, the header {len(header)}; is the file corrupt?")
     cols = list(zip(*rows)) if rows else [()] * len(header)
-    return {name: np.asarray(col, dtype=str) for name, col in zip(header, cols)}
+    return {name: np.asarray(col, dtype=str) for name, col in zip(header, cols)}, np.asarray(lines, np.int64)
+
+
+def _show_cell(value) -> str:
+    """A cell for a message: 'an empty cell', or the repr of the plain Python value (not np.str_(...))."""
+    value = value.item() if isinstance(value, np.generic) else value
+    return "an empty cell" if isinstance(value, str) and not value.strip() else repr(value)
+
+
+def _finite_column(path: str, column: str, values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`values` (strings from a CSV, native values from Parquet) as float32; the first cell that is
+    not a finite float32 number (empty, text, NaN, inf, beyond float32) raises
+    ValueError('file:row:column: not a finite number ...')."""
+    try:
+        parsed = values.astype(np.float64)
+    except (TypeError, ValueError):  # an empty cell, text or None: parse cell by cell to find them
+        parsed = np.empty(len(values), np.float64)
+        for i, v in enumerate(values):
+            try:
+                parsed[i] = float(v)
+            except (TypeError, ValueError):
+                parsed[i] = np.nan
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = parsed.astype(np.float32)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{path}:{rows[i]}:{column}: not a finite number ({_show_cell(values[i])}); {int(bad.sum())} of the column's {len(values)} "
+            "cells are empty, text, NaN, inf or beyond float32. Fill or drop them in the file (e.g. impute the column's "
+            "training mean and add a 0/1 missing-value column), then rerun."
+        )
+    return out
 
 
 def scene_file_features(columns, embedding_dim: int, dense: tuple[str, ...] = ()) -> tuple:
@@ -527,15 +565,20 @@ def load_scene_files(data_dir: str, embedding_dim: int, label: str = "label", sc
 
     Every file holds the same columns: `label` (0/1 click), `scene` (scene id, any type),
     categorical feature columns (any type; ids unseen in training map to the OOV row) and the
-    `dense` columns (floats). The scene ids of the training file, sorted, become scene indices
-    0..S-1 (an unseen scene in val/test is an error); the returned arrays hold the index under
-    'scene' (also a feature) and a flag 'scene<k>' per scene for per-scene metrics. `user`
-    groups the rows for gAUC when the column exists (otherwise all rows form one group, and
-    gAUC equals AUC); it is a feature like any other categorical column.
+    `dense` columns (floats). Every label and dense cell of every file is checked as it is read:
+    an empty cell, text, NaN, inf or a value beyond float32 raises ValueError
+    'file:row:column: not a finite number' (row: the CSV line number, header = line 1, or the
+    0-based Parquet row), before anything is trained or written. The scene ids of the training
+    file, sorted, become scene indices 0..S-1 (an unseen scene in val/test is an error); the
+    returned arrays hold the index under 'scene' (also a feature) and a flag 'scene<k>' per scene
+    for per-scene metrics. `user` groups the rows for gAUC when the column exists (otherwise all
+    rows form one group, and gAUC equals AUC); it is a feature like any other categorical column.
 
     Returns (feature declarations, {'train', 'val', 'test'} -> dict of arrays).
     """
-    splits = {split: _read_columns(_scene_file(data_dir, split)) for split in SCENE_FILE_SPLITS}
+    paths = {split: _scene_file(data_dir, split) for split in SCENE_FILE_SPLITS}
+    read = {split: _read_columns(path) for split, path in paths.items()}
+    splits = {split: cols for split, (cols, _) in read.items()}
     names = list(splits["train"])
     for split, cols in splits.items():
         if list(cols) != names:
@@ -547,13 +590,14 @@ def load_scene_files(data_dir: str, embedding_dim: int, label: str = "label", sc
     scene_ids = np.unique(splits["train"][scene])
     out = {}
     for split, cols in splits.items():
+        path, rows = paths[split], read[split][1]
         arrays: dict[str, np.ndarray] = {}
-        try:
-            arrays["label"] = cols[label].astype(np.float64).astype(np.float32)
-        except ValueError as e:
-            raise ValueError(f"the {split} file's {label!r} column is not numeric 0/1 ({e}).") from None
-        if arrays["label"].size and not np.isin(arrays["label"], (0.0, 1.0)).all():
-            raise ValueError(f"the {split} file's {label!r} column must hold 0 or 1, got {np.unique(arrays['label'])[:5]}.")
+        arrays["label"] = _finite_column(path, label, cols[label], rows)
+        not_binary = ~np.isin(arrays["label"], (0.0, 1.0))
+        if not_binary.any():
+            i = int(np.flatnonzero(not_binary)[0])
+            raise ValueError(f"{path}:{rows[i]}:{label}: a label must be 0 or 1, got {_show_cell(cols[label][i])} "
+                             f"({int(not_binary.sum())} such cells).")
         pos = np.clip(np.searchsorted(scene_ids, cols[scene]), 0, len(scene_ids) - 1)
         unseen = scene_ids[pos] != cols[scene]
         if unseen.any():
@@ -564,7 +608,7 @@ def load_scene_files(data_dir: str, embedding_dim: int, label: str = "label", sc
         for c in names:
             if c in (label, scene):
                 continue
-            arrays[c] = cols[c].astype(np.float32) if c in dense else cols[c]
+            arrays[c] = _finite_column(path, c, cols[c], rows) if c in dense else cols[c]
         if user not in names:
             arrays["user"] = np.zeros(len(arrays["label"]), np.int64)
         out[split] = arrays

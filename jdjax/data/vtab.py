@@ -8,7 +8,8 @@ split is never used to choose anything. Images are resized straight to `image_si
 `vision_token_merging.md` §3.3).
 
 Data come from prepared TFDS ArrayRecord directories through `tfds.data_source` (TensorFlow is
-not imported, nothing is downloaded at training time). Prepare the builders once, on a machine
+not imported, nothing is downloaded at training time); what a missing or malformed preparation
+reports is described in `jdjax.data.tfds_source`. Prepare the builders once, on a machine
 with TensorFlow (`pip install tensorflow tensorflow-datasets`):
 
     tfds build caltech101 cifar100 dtd oxford_flowers102 oxford_iiit_pet svhn_cropped sun397/tfds \\
@@ -40,7 +41,7 @@ from collections.abc import Callable
 import numpy as np
 
 from jdjax.data.pipeline import RecordSource
-from jdjax.data.tfds_source import normalize, resize_image
+from jdjax.data.tfds_source import feature, normalize, open_split, resize_image
 
 GROUPS = ("natural", "specialized", "structured")
 
@@ -96,6 +97,7 @@ class VtabTask:
     test: str
     num_classes: int
     label: Callable[[dict], int] = _PLAIN_LABEL
+    label_feature: str = "label"  # the record feature `label` reads
     image_key: str = "image"
     binary_image: bool = False  # pixels stored as 0/1 (dSprites): scaled to 0/255 as the reference does
 
@@ -123,20 +125,23 @@ TASKS: dict[str, VtabTask] = {
                  "train[:800]", "validation[:200]", "test", 5),
         # structured (CLEVR's test split has no labels: the reference tests on its validation split)
         VtabTask("clevr_count", "structured", "clevr", "train[:800]", "train[63000:63200]", "validation", 8,
-                 label=_clevr_count),
+                 label=_clevr_count, label_feature="objects"),
         VtabTask("clevr_distance", "structured", "clevr", "train[:800]", "train[63000:63200]", "validation", 6,
-                 label=_thresholded(_clevr_closest_depth, (0.0, 8.0, 8.5, 9.0, 9.5, 10.0, 100.0))),
+                 label=_thresholded(_clevr_closest_depth, (0.0, 8.0, 8.5, 9.0, 9.5, 10.0, 100.0)),
+                 label_feature="objects"),
         VtabTask("dmlab", "structured", "dmlab", "train[:800]", "validation[:200]", "test", 6),
         VtabTask("dsprites_location", "structured", "dsprites", "train[:800]", "train[589824:590024]",
-                 "train[663552:]", 16, label=_binned("label_x_position", 32, 16), binary_image=True),
+                 "train[663552:]", 16, label=_binned("label_x_position", 32, 16), label_feature="label_x_position",
+                 binary_image=True),
         VtabTask("dsprites_orientation", "structured", "dsprites", "train[:800]", "train[589824:590024]",
-                 "train[663552:]", 16, label=_binned("label_orientation", 40, 16), binary_image=True),
+                 "train[663552:]", 16, label=_binned("label_orientation", 40, 16), label_feature="label_orientation",
+                 binary_image=True),
         VtabTask("kitti_distance", "structured", "kitti", "train[:800]", "validation[:200]", "test", 4,
-                 label=_thresholded(_kitti_closest_vehicle, (-100.0, 8.0, 20.0, 999.0))),
+                 label=_thresholded(_kitti_closest_vehicle, (-100.0, 8.0, 20.0, 999.0)), label_feature="objects"),
         VtabTask("smallnorb_azimuth", "structured", "smallnorb", "train[:800]", "test[:200]", "test[50%:]", 18,
-                 label=_label("label_azimuth")),
+                 label=_label("label_azimuth"), label_feature="label_azimuth"),
         VtabTask("smallnorb_elevation", "structured", "smallnorb", "train[:800]", "test[:200]", "test[50%:]", 9,
-                 label=_label("label_elevation")),
+                 label=_label("label_elevation"), label_feature="label_elevation"),
     ]
 }
 
@@ -151,48 +156,51 @@ def build_command(name: str, data_dir: str = "DIR") -> str:
     return f"tfds build {get_task(name).builder} --data_dir={data_dir} --file_format=array_record"
 
 
-def decoder(task: VtabTask, image_size: int) -> Callable[[dict], dict[str, np.ndarray]]:
-    """One TFDS record -> {'image' [S, S, 3] float32 ImageNet-normalised, 'label' int32}."""
+def decoder(task: VtabTask, image_size: int, split: str = "", data_dir: str = "DIR"
+            ) -> Callable[[dict], dict[str, np.ndarray]]:
+    """One TFDS record -> {'image' [S, S, 3] float32 ImageNet-normalised, 'label' int32}; `split` and
+    `data_dir` name where a malformed record comes from in its error."""
+    where = f"VTAB task {task.name!r} ({task.builder}" + (f" split {split!r} in {data_dir})" if split else ")")
+    fix = f"Prepare it again with `{build_command(task.name, data_dir)}` (the TFDS version VTAB uses)"
 
     def decode(record: dict) -> dict[str, np.ndarray]:
-        image = np.asarray(record[task.image_key])
+        image = np.asarray(feature(record, task.image_key, where, fix))
         if task.binary_image:
             image = np.where(image > 0, 255, 0).astype(np.uint8)
-        label = task.label(record)
+        feature(record, task.label_feature, where, fix)
+        try:
+            label, problem = task.label(record), None
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            label, problem = None, e
+        if problem is not None:
+            raise ValueError(f"{where}: cannot read the label from the {task.label_feature!r} feature of a record "
+                             f"({type(problem).__name__}: {problem}). {fix}.")
         if not 0 <= label < task.num_classes:
             raise ValueError(
                 f"VTAB task {task.name!r}: label {label} outside [0, {task.num_classes}); the prepared "
                 f"{task.builder} data do not match the VTAB definition (a different TFDS version?)."
             )
-        return {"image": normalize(resize_image(image, image_size), "imagenet"), "label": np.int32(label)}
+        return {"image": normalize(resize_image(image, image_size, where, fix), "imagenet"), "label": np.int32(label)}
 
     return decode
 
 
 def vtab_splits(name: str, data_dir: str, image_size: int = 224) -> dict[str, RecordSource]:
     """{'train' (800), 'val' (200), 'test'} sources of {'image' [S, S, 3] float32 ImageNet-normalised
-    after a bicubic resize, 'label' int32} for the VTAB-1k task `name`."""
+    after a bicubic resize, 'label' int32} for the VTAB-1k task `name`. A missing data set, version,
+    split or file is a FileNotFoundError and a malformed first record a ValueError, each naming the
+    task, split, directory and the `tfds build` command."""
     task = get_task(name)
     if not data_dir or not os.path.isdir(data_dir):
         raise FileNotFoundError(
             f"VTAB task {name!r}: data_dir {data_dir!r} does not exist. Prepare the data with "
             f"`{build_command(name)}` and pass --config.data.data_dir=DIR."
         )
-    import tensorflow_datasets as tfds  # optional extra: pip install -e .[tfds]
-
-    decode = decoder(task, image_size)
     out = {}
     for split, spec in (("train", task.train), ("val", task.val), ("test", task.test)):
-        try:
-            records = tfds.data_source(task.builder, split=spec, data_dir=data_dir, download=False)
-        except Exception as e:  # tfds raises several types for a missing, partial or TFRecord-only build
-            where = os.path.join(data_dir, task.builder)
-            why = f"{where} does not exist" if not os.path.isdir(where) else f"tfds: {type(e).__name__}: {e}"
-            raise FileNotFoundError(
-                f"VTAB task {name!r}: no prepared ArrayRecord data for {task.builder} split {spec!r} ({why}). "
-                f"Prepare it with `{build_command(name, data_dir)}`."
-            ) from e
-        out[split] = RecordSource(records, decode)
+        decode = decoder(task, image_size, spec, data_dir)
+        out[split] = open_split(task.builder, spec, data_dir, decode, context=f"VTAB task {name!r}: ",
+                                command=build_command(name, data_dir))
     return out
 
 

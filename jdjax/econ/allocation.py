@@ -35,12 +35,18 @@ keeps the platform's virtual value VB_ad pCTR_i of i's own clicks, as the spec s
 lowers prices and can make them negative even without externalities.
 
 Properties (tested): with the exhaustive generator (bid-independent, A_-i a subset of the
-candidates, a* the exact argmax: maximal-in-range) p_i <= b_i always and the mechanism is
-truthful. p_i >= 0 is not automatic: with complementarity (ad i raises others' clicks) or
-VB_ad > 0 the bracket can be negative. Prices are clipped to [reserve, b_i] and the clip flags
-are returned so the clip rate can be reported. Generators that use the bid (top-N by bid * q,
-greedy by pCTR * bid, sampling by bid * q) break truthfulness, and their reruns need not be
-subsets of the candidates, so p_i > b_i (a high clip) can happen there.
+candidates, a* the exact argmax: maximal-in-range) p_i <= b_i always, and the unclipped VCG
+prices (`Payments.raw`) are truthful: an advertiser's utility value * clicks - payment is
+maximised by bidding its value, whatever the others bid (a bid-grid search over 0.02x-10x the
+value finds no profitable misreport beyond float rounding). p_i >= 0 is not automatic: with
+complementarity (ad i raises others' clicks) or VB_ad > 0 the bracket can be negative. Prices
+are clipped to [reserve, b_i] and the clip flags are returned so the clip rate can be reported;
+the clipped prices are NOT exactly truthful: the same search finds profitable misreports, only
+for advertisers whose truthful price was clipped, in 8 of 103 such cases (8 %) on 256
+competition pages with VB_ad 0.1, VB_org 0.5, reserve 0.05 (3 of 36 with complementarity), and
+in none of the 1433 unclipped ones. Generators that use the bid (top-N by bid * q, greedy by
+pCTR * bid, sampling by bid * q) break truthfulness, and their reruns need not be subsets of
+the candidates, so p_i > b_i (a high clip) can happen there.
 
 Everything works on one page and is `vmap`ped over requests (`run_auctions`); shapes are static.
 Choices that the spec leaves open are marked [R] and are arguments.
@@ -152,8 +158,8 @@ def exhaustive_assignments(num_ads: int, num_ad_slots: int, top_n: int | None = 
     (the spec: bid * pCTR-independent quality) may appear; this is a mask over the fixed list so
     that shapes stay static. `pool` [N] bool (default all) removes ads (VCG's reruns, reserve).
 
-    The default (all ads, top_n=None) is bid-independent, which truthfulness needs (the
-    maximal-in-range argument); top-N by a bid-weighted score is not.
+    The default (all ads, top_n=None) is bid-independent, which truthfulness of the unclipped
+    VCG prices needs (the maximal-in-range argument); top-N by a bid-weighted score is not.
     """
     cands = _enumerate(num_ads, num_ad_slots)
     if pool is None and (top_n is None or top_n >= num_ads):
@@ -175,7 +181,8 @@ def exhaustive_assignments(num_ads: int, num_ad_slots: int, top_n: int | None = 
 @dataclasses.dataclass(frozen=True)
 class Exhaustive:
     """Every assignment of the pool's ads (optionally only the top_n by bid * quality [R]).
-    Bid-independent, hence truthful with VCG, unless top_n < N."""
+    Bid-independent, hence truthful with unclipped VCG prices, unless top_n < N (clipping the
+    prices to [reserve, bid] breaks exact truthfulness; see the module docstring)."""
 
     top_n: int | None = None
     fixed = True
@@ -325,8 +332,8 @@ def allocate(page: Page, candidates, valid, ctr_fn: CtrFn, vb_ad, vb_org, p: Env
 
 class Payments(NamedTuple):
     price: jax.Array  # [K] per-click price, clipped to [reserve, bid]; 0 on organic ad slots
-    raw: jax.Array  # [K] unclipped VCG price; 0 on organic ad slots
-    clip_low: jax.Array  # [K] bool: raw < reserve (beyond float tolerance)
+    raw: jax.Array  # [K] unclipped VCG price (+-inf for a flagged ad with predicted CTR 0); 0 on organic ad slots
+    clip_low: jax.Array  # [K] bool: raw < reserve (beyond float tolerance), CTR-0 ads with a negative transfer included
     clip_high: jax.Array  # [K] bool: raw > bid, i.e. max over A_-i above W(a*)
     counterfactual: jax.Array  # [K] max_{a in A_-i} W(a) for the ad in each ad slot
 
@@ -365,10 +372,16 @@ def vcg_payments(page: Page, alloc: Allocation, counterfactual: jax.Array, p: En
 
         p_i = [max_{A_-i} W - (W(a*) - b_i pCTR_i(a*))] / pCTR_i(a*),  clipped to [reserve, b_i].
 
+    With a maximal-in-range candidate set (`Exhaustive()`) `raw` is truthful; the clipped `price`
+    is not exactly (see the module docstring).
+
     counterfactual [K] from `counterfactual_welfare`. The flags are decided in welfare units
     with an absolute tolerance tol * (1 + |W(a*)|): clip_high = max_{A_-i} W > W(a*) (impossible
-    for maximal-in-range sets), clip_low = the bracket < reserve * pCTR_i. An ad with predicted
-    CTR 0 pays the reserve (it gets no clicks). Fully vectorised over the K ad slots."""
+    for maximal-in-range sets), clip_low = the bracket < reserve * pCTR_i. A winning ad with
+    predicted CTR 0 is charged the reserve per click (it gets no clicks, so it pays nothing); its
+    VCG transfer is the bracket itself, so a negative one (the ad is shown because it raises the
+    others' clicks) is flagged clip_low with raw = -inf, a positive one clip_high with raw = +inf,
+    and only a zero one is exact (raw = reserve). Fully vectorised over the K ad slots."""
     slots = np.asarray(p.ad_slots)
     ad = alloc.assignment
     is_ad = ad >= 0
@@ -377,11 +390,12 @@ def vcg_payments(page: Page, alloc: Allocation, counterfactual: jax.Array, p: En
     others = alloc.welfare - b * c  # W(a*) minus i's own bid value
     bracket = counterfactual - others
     pos = c > 0
-    raw = jnp.where(pos, bracket / jnp.where(pos, c, 1.0), reserve)
-    raw = jnp.where(is_ad, raw, 0.0)
     atol = tol * (1.0 + jnp.abs(alloc.welfare))
-    clip_high = is_ad & pos & (counterfactual > alloc.welfare + atol)
-    clip_low = is_ad & pos & (bracket < reserve * c - atol)
+    clip_high = is_ad & (counterfactual > alloc.welfare + atol)
+    clip_low = is_ad & (bracket < reserve * c - atol)
+    no_clicks = jnp.where(clip_low, -jnp.inf, jnp.where(clip_high, jnp.inf, reserve))  # the limit c -> 0+
+    raw = jnp.where(pos, bracket / jnp.where(pos, c, 1.0), no_clicks)
+    raw = jnp.where(is_ad, raw, 0.0)
     price = jnp.where(is_ad, jnp.clip(raw, reserve, b), 0.0)
     return Payments(price, raw, clip_low, clip_high, counterfactual)
 

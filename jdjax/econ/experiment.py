@@ -14,9 +14,10 @@ rate is per that unit, so set delay_rate_init to about 1 / (a guess of the mean 
 
 Every call checks all its input before changing anything, so a ValueError leaves the experiment
 exactly as it was; re-sending an event that was already recorded raises instead of counting it
-twice. `save` writes a temporary file and renames it over the target (atomic on POSIX), and
-`load` restores the state exactly: a restored experiment continues with the same draws as one
-that never stopped. The experiment is a small mutable object (appending events to a log in place
+twice. `save` writes through `jdjax.io` (a local path or a gs://... URI): a temporary file renamed
+over the target, so a failed save leaves the previous state file as it was; `load` restores the
+state exactly (a restored experiment continues with the same draws as one that never stopped) and
+refuses a truncated, edited or otherwise corrupt file with a ValueError that names the path. The experiment is a small mutable object (appending events to a log in place
 is what a platform needs); the statistics are the pure functions of `delayed_feedback`.
 """
 
@@ -25,8 +26,6 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -34,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdjax import io
 from jdjax.econ import delayed_feedback as df
 
 FORMAT = "jdjax.econ.experiment/1"
@@ -65,6 +65,10 @@ def _check_time(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{what} must be a finite number >= 0, got {value!r}.")
     return float(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_id(value, what: str) -> str:
@@ -108,16 +112,20 @@ class Experiment:
         rate = self._per_arm(delay_rate_init, "delay_rate_init")
         if not all(0 < c <= 1 for c in cvr) or not all(0 < r < math.inf for r in rate):
             raise ValueError(f"need 0 < cvr_init <= 1 and 0 < delay_rate_init < inf, got {cvr} and {rate}.")
-        if not isinstance(em_cycles, int) or em_cycles < 1 or not isinstance(draws, int) or draws < 1:
+        if not _is_int(em_cycles) or em_cycles < 1 or not _is_int(draws) or draws < 1:
             raise ValueError(f"em_cycles and draws must be integers >= 1, got {em_cycles!r} and {draws!r}.")
+        if not _is_int(seed):
+            raise ValueError(f"seed must be an integer, got {seed!r}.")
         if stop_rule not in df.STOP_RULES:
             raise ValueError(f"unknown stopping rule {stop_rule!r}; use one of {df.STOP_RULES}.")
+        if isinstance(stop_threshold, bool) or not isinstance(stop_threshold, numbers.Real) or not 0 < stop_threshold < math.inf:
+            raise ValueError(f"stop_threshold must be a finite number > 0, got {stop_threshold!r}.")
         self.settings = {
             "seed": int(seed),
-            "em_cycles": em_cycles,
+            "em_cycles": int(em_cycles),
             "stop_rule": stop_rule,
             "stop_threshold": float(stop_threshold),
-            "draws": draws,
+            "draws": int(draws),
         }
         self._prior = pairs  # [K, 2]
         self._delay_rate = np.asarray(rate, float)  # [K] EM warm start
@@ -312,11 +320,15 @@ class Experiment:
         try:
             if data.get("format") != FORMAT:
                 raise ValueError(f"format is {data.get('format')!r}, expected {FORMAT!r}")
-            arms = data["arms"]
+            arms, prior = data["arms"], data["prior"]
+            if not isinstance(arms, list) or not isinstance(prior, list) or len(prior) != len(arms):
+                raise ValueError(f"arms and prior must be lists of the same length, got {arms!r} and {prior!r}")
+            if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for pair in prior for v in pair):
+                raise ValueError(f"prior must hold (a, b) number pairs, got {prior!r}")
             s = data["settings"]
             exp = cls(  # the EM start is overwritten by the saved warm start below
                 arms,
-                prior={a: tuple(p) for a, p in zip(arms, data["prior"])},
+                prior={a: tuple(p) for a, p in zip(arms, prior)},
                 em_cycles=s["em_cycles"],
                 seed=s["seed"],
                 stop_rule=s["stop_rule"],
@@ -326,48 +338,53 @@ class Experiment:
             for r, k, t in data["requests"]:
                 _check_id(r, "request id")
                 t = _check_time(t, f"time of request {r!r}")
-                if r in exp._requests or not (isinstance(k, int) and 0 <= k < len(arms)) or t < exp._latest:
+                if r in exp._requests or not (_is_int(k) and 0 <= k < len(arms)) or t < exp._latest:
                     raise ValueError(f"bad request record {[r, k, t]!r}")
-                exp._requests[r] = (k, t)
+                exp._requests[r] = (int(k), t)
                 exp._latest = t
             exp.record([Click(c, r, t) for c, r, t in data["clicks"]])
             exp.record([Conversion(c, t) for c, t in data["conversions"]])
-            rate = np.asarray(data["estimator"]["delay_rate"], float)
-            cvr = np.asarray(data["estimator"]["cvr"], float)
-            if rate.shape != (len(arms),) or cvr.shape != (len(arms),) or not np.all(np.isfinite(rate) & np.isfinite(cvr)):
-                raise ValueError("estimator state must hold one finite delay_rate and cvr per arm")
-            exp._delay_rate, exp._cvr = rate, cvr
+            rate, cvr = data["estimator"]["delay_rate"], data["estimator"]["cvr"]
+            numbers_ok = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in [*rate, *cvr])
+            # The EM gives delay_rate = inf to an arm whose conversions all came with zero delay.
+            if not (numbers_ok and len(rate) == len(cvr) == len(arms) and all(0 < v <= math.inf for v in rate)
+                    and all(0 <= v <= 1 for v in cvr)):
+                raise ValueError("estimator state must hold one delay_rate in (0, inf] and one cvr in [0, 1] per arm, "
+                                 f"got {rate!r} and {cvr!r}")
+            exp._delay_rate, exp._cvr = np.asarray(rate, float), np.asarray(cvr, float)
             n_updates = data["n_updates"]
-            if not isinstance(n_updates, int) or n_updates < 0:
+            if not _is_int(n_updates) or n_updates < 0:
                 raise ValueError(f"n_updates must be an integer >= 0, got {n_updates!r}")
             exp._n_updates = n_updates
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"not a valid experiment state ({type(e).__name__}: {e}).") from None
         return exp
 
-    def save(self, path: str) -> None:
-        """Writes the state to `path` atomically (temporary file in the same directory, fsync, rename)."""
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_json(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+    def save(self, path) -> None:
+        """Writes the state to `path` (a local path or a URI that `jdjax.io` opens) atomically:
+        readers, and a later `load`, see the previous file or the new one, never a part."""
+        path = io.as_path(path)
+        if not io.is_remote(path) and not path.parent.is_dir():
+            raise FileNotFoundError(f"cannot save the experiment state to {str(path)!r}: directory {str(path.parent)!r} "
+                                    "does not exist; create it first.")
+        io.write_text(path, json.dumps(self.to_json()))
 
     @classmethod
-    def load(cls, path: str) -> Experiment:
-        """Restores an experiment written by `save`."""
+    def load(cls, path) -> Experiment:
+        """Restores an experiment written by `save`. A missing file raises FileNotFoundError; a
+        file that is not a saved state (truncated, edited, not UTF-8, another format) ValueError;
+        both name the path."""
         try:
-            with open(path) as f:
-                data = json.load(f)
+            raw = io.as_path(path).read_bytes()
         except FileNotFoundError:
-            raise FileNotFoundError(f"experiment state {path!r} not found; create the experiment with Experiment(arms).") from None
+            raise FileNotFoundError(f"experiment state {str(path)!r} not found; create the experiment with Experiment(arms).") from None
+        except IsADirectoryError:
+            raise ValueError(f"{path} is a directory, not an experiment state file; pass the file `save` wrote.") from None
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not a valid experiment state: not UTF-8 text ({e.reason} at byte {e.start}); "
+                             "restore a backup.") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not a valid experiment state: broken JSON ({e}); restore a backup.") from None
         try:

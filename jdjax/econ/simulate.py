@@ -15,7 +15,8 @@ is expected regret, sum_t (max_k p_k - p_{a_t}).
   stopping rule's and the EM runs once per update.
 * `dts_reference_loop` is a plain per-request NumPy loop of the same D-TS algorithm: the
   reference in tests and the baseline of the speed benchmark.
-* `read_criteo_log` reads Criteo's conversion logs (Chapelle 2014) for the Criteo scenario.
+* `read_criteo_log` reads Criteo's conversion logs (Chapelle 2014) for the Criteo scenario; a
+  malformed line is a `CriteoLogError` (a ValueError) `file:line: what is wrong`.
 * `run_delayed_feedback(cfg, workdir)` is the task entry point (configs/delayed_feedback.py);
   `config_errors(cfg)` lists what is wrong with a config before anything runs.
 """
@@ -28,6 +29,7 @@ import gzip
 import math
 import os
 import time
+import zlib
 from typing import NamedTuple
 
 import jax
@@ -179,12 +181,35 @@ class CriteoLog(NamedTuple):
     delay: np.ndarray  # [M] float64 conversion delay in seconds; inf = no conversion
 
 
+class CriteoLogError(ValueError):
+    """A malformed Criteo conversion log; the message is `file:line: what is wrong` and the fix."""
+
+
+_MISSING_CONVERSION = ("", "NA", "nan", "NaN")  # no conversion (empty in data.txt; NA / nan from data frames)
+
+
+def _criteo_time(cell: str, column: str, where: str) -> float:
+    """One timestamp cell -> seconds; anything but a finite non-negative number is a CriteoLogError."""
+    if not cell.strip():
+        raise CriteoLogError(f"{where}: the {column} is empty; every click needs one.")
+    try:
+        value = float(cell)
+    except ValueError:
+        raise CriteoLogError(f"{where}: the {column} is {cell[:40]!r}, not a number.") from None
+    if not math.isfinite(value) or value < 0:
+        raise CriteoLogError(f"{where}: the {column} is {cell.strip()[:40]!r}; timestamps are finite seconds >= 0.")
+    return value
+
+
 def read_criteo_log(path: str) -> CriteoLog:
     """Reads Criteo's conversion logs (Chapelle 2014, `data.txt`, optionally gzipped).
 
-    Tab-separated lines: click timestamp, conversion timestamp (empty or NA when the click did not
-    convert), then any number of feature columns, which are ignored. The two-column
-    `data_no_feature.txt` of the released code reads the same way.
+    Tab-separated lines: click timestamp, conversion timestamp (empty, NA or nan when the click did
+    not convert), then feature columns, which are ignored; every line has as many columns as the
+    first (19 in data.txt; the two-column `data_no_feature.txt` of the released code reads the same
+    way). A malformed line (too few or a changing number of columns, an empty, non-numeric,
+    non-finite or negative click time, a conversion before its click, bytes that are not UTF-8, a
+    truncated .gz) raises CriteoLogError `path:line: what is wrong`.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -193,25 +218,57 @@ def read_criteo_log(path: str) -> CriteoLog:
             "out of --config.scenarios."
         )
     clicks, delays = array.array("d"), array.array("d")  # 8 bytes a value: the full log has ~16M lines
+    columns = None
+    line_no = 0
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt") as f:
-        for line_no, line in enumerate(f, 1):
-            fields = line.rstrip("\r\n").split("\t", 2)
-            try:
-                click = float(fields[0])
-                conv = fields[1].strip() if len(fields) > 1 else ""
-                delay = math.inf if conv in ("", "NA", "nan") else float(conv) - click
-            except ValueError:
-                raise ValueError(
-                    f"{path}:{line_no}: expected 'click_timestamp<TAB>conversion_timestamp[<TAB>...]' "
-                    f"with numbers, got {line[:80]!r}."
-                ) from None
-            if not (math.isfinite(click) and click >= 0 and delay >= 0):
-                raise ValueError(f"{path}:{line_no}: negative or non-finite time or conversion before its click.")
-            clicks.append(click)
-            delays.append(delay)
+    try:
+        with opener(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                where = f"{path}:{line_no}"
+                try:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    raise CriteoLogError(
+                        f"{where}: byte {e.start + 1} of the line ({raw[e.start:e.start + 1]!r}) is not UTF-8 text; "
+                        "the file is damaged or is not the Criteo data.txt (tab-separated text)."
+                    ) from None
+                n = line.count("\t") + 1
+                if not line.strip() and n == 1:
+                    raise CriteoLogError(f"{where}: the line is empty; expected 'click_timestamp<TAB>"
+                                         "conversion_timestamp[<TAB>features...]'.")
+                if n < 2:
+                    sep = next((f" (it has {c!r} but no tab: is the file {name}-separated?)"
+                                for c, name in ((",", "comma"), (" ", "space"), (";", "semicolon")) if c in line), "")
+                    raise CriteoLogError(f"{where}: 1 column{sep}; expected at least 2 tab-separated columns, "
+                                         f"click timestamp and conversion timestamp, got {line[:80]!r}.")
+                if columns is None:
+                    columns = n
+                elif n != columns:
+                    raise CriteoLogError(f"{where}: {n} tab-separated columns, but line 1 has {columns}; the line "
+                                         "is cut short or joined with another (a damaged copy?).")
+                fields = line.split("\t", 2)
+                click = _criteo_time(fields[0], "click timestamp (column 1)", where)
+                conv = fields[1].strip()
+                if conv in _MISSING_CONVERSION:
+                    delay = math.inf
+                else:
+                    delay = _criteo_time(conv, "conversion timestamp (column 2)", where) - click
+                    if delay < 0:
+                        raise CriteoLogError(f"{where}: the conversion at {conv} comes before its click at "
+                                             f"{fields[0].strip()}.")
+                clicks.append(click)
+                delays.append(delay)
+    except (EOFError, OSError, zlib.error) as e:  # BadGzipFile is an OSError
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
+        if opener is open:
+            raise CriteoLogError(f"{path}: cannot read the file ({reason}).") from None
+        if isinstance(e, gzip.BadGzipFile) and line_no == 0:
+            raise CriteoLogError(f"{path}: the name ends in .gz but the file is not gzip-compressed ({reason}); "
+                                 "rename it without .gz.") from None
+        raise CriteoLogError(f"{path}:{line_no + 1}: cannot read on ({reason}); the gzip file is truncated or "
+                             "damaged: download it again, or gunzip what you have.") from None
     if not clicks:
-        raise ValueError(f"Criteo conversion log {path!r} is empty.")
+        raise CriteoLogError(f"{path}: the Criteo conversion log is empty.")
     return CriteoLog(np.frombuffer(clicks, float).copy(), np.frombuffer(delays, float).copy())
 
 
@@ -625,7 +682,7 @@ def run_delayed_feedback(cfg, workdir: str) -> dict:
     names = cfg.scenarios.split(",")
     criteo_log = read_criteo_log(cfg.criteo_path) if "criteo" in names else None
     if criteo_log is not None and criteo_log.delay.shape[0] < cfg.criteo_horizon:
-        raise ValueError(
+        raise CriteoLogError(
             f"{cfg.criteo_path} has {criteo_log.delay.shape[0]} clicks, fewer than config.criteo_horizon="
             f"{cfg.criteo_horizon} (rows are drawn without replacement); lower criteo_horizon."
         )

@@ -24,6 +24,26 @@ PAPER_SCHEDULES = {
 }
 
 
+class PerLayer(tuple):
+    """A per-layer schedule [r_0, r_1, ...] as a hashable value that is never mistaken for ToMe's
+    (r, inflect) tuple: `parse_r` reads it as a list, and it equals (and hashes like) only another
+    PerLayer, so PerLayer([16, 0]) != (16, 0). `MergeConfig` stores a list schedule this way."""
+
+    __slots__ = ()
+
+    def __eq__(self, other):
+        return type(other) is PerLayer and tuple.__eq__(self, other)
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return hash((PerLayer, tuple(self)))
+
+    def __repr__(self):
+        return f"PerLayer({list(self)})"
+
+
 def _is_int(value) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
@@ -41,8 +61,8 @@ def parse_r(r: int | tuple[int, float] | list[int], num_layers: int) -> list[int
     Args:
       r: an int (the same r in every layer); a tuple (r, inflect) (ToMe's "decreasing"
         schedule: min = int(r(1 - inflect)), max = 2r - min, r_l = int(min + l(max - min)/(L - 1)),
-        e.g. (16, -1) over 12 layers gives [32, 29, ..., 2, 0]); or a list of at most L
-        ints, zero-padded to L.
+        e.g. (16, -1) over 12 layers gives [32, 29, ..., 2, 0] and (16, 0) gives 16 in every
+        layer); or a list (or `PerLayer`) of at most L ints, zero-padded to L.
       num_layers: L.
 
     Returns:
@@ -52,6 +72,8 @@ def parse_r(r: int | tuple[int, float] | list[int], num_layers: int) -> list[int
         raise ValueError(f"num_layers must be a positive int, got {num_layers!r}.")
     if _is_int(r):
         return _check_schedule([r] * num_layers)
+    if isinstance(r, PerLayer):
+        r = list(r)
     if isinstance(r, tuple):
         if len(r) != 2 or not _is_int(r[0]) or isinstance(r[1], bool) or not isinstance(r[1], Real):
             raise ValueError(f"a tuple schedule is (r: int, inflect: float), got {r!r}.")

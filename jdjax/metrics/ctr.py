@@ -6,7 +6,9 @@
     logloss(labels, probs)              mean binary cross-entropy
 
 All take 1-D arrays of one length N. A set (or user) whose labels are all one class has no
-AUC: `auc` returns NaN for it and `gauc` skips the user.
+AUC: `auc` returns NaN for it and `gauc` skips the user. A NaN or infinite score is an error
+(ValueError naming how many and where), as in scikit-learn: a NaN would otherwise sort as the
+top score and give a plausible-looking AUC of a broken model.
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ def _check(labels, scores, name: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{name}: labels {labels.shape} and scores {scores.shape} differ in length.")
     if labels.size and not np.isin(labels, (0, 1)).all():
         raise ValueError(f"{name}: labels must be 0 or 1, got values {np.unique(labels)[:10]}.")
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{name}: {int(bad.sum())} of {scores.size} scores are not finite numbers (the first at index {first}: "
+            f"{scores[first]}); the model's predictions are NaN or infinite. Look for NaN/inf in the inputs and for "
+            "a diverging training loss."
+        )
     return labels.astype(bool), scores
 
 

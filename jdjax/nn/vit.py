@@ -68,9 +68,11 @@ class MergeConfig:
     """Token merging in the encoder blocks (ToMe / PYRA); hashable, so a Flax module attribute.
 
     Attributes:
-      r: tokens merged per layer: an int (every layer) or a sequence of ints, zero-padded to the
-        depth (stored as a tuple); 0 merges nothing. For ToMe's decreasing schedule pass
-        `schedules.parse_r((r, inflect), depth)`.
+      r: tokens merged per layer, in `schedules.parse_r`'s forms: an int (every layer); ToMe's
+        tuple (r, inflect), e.g. (16, -1) = 32 in the first layer down to 0 in the last, (16, 0)
+        = 16 in every layer; or a list of ints, one per layer, zero-padded to the depth (stored
+        as a hashable `schedules.PerLayer`, which is never read as (r, inflect), so
+        `dataclasses.replace` keeps the meaning). 0 merges nothing.
       mode: 'tome' (size-weighted average) or 'pyra' (PYRA's modulated merge, with parameters).
       prop_attn: add log(size) to the attention logits once tokens were merged.
       trace_source: carry the [B, N, N0] source map through the merges (info['source']).
@@ -78,7 +80,7 @@ class MergeConfig:
       class_token / distill_token: protected tokens at index 0 / 1 (ViT and CLIP: class token only).
     """
 
-    r: int | tuple[int, ...] = 0
+    r: int | tuple[int, float] | schedules.PerLayer = 0
     mode: str = "tome"
     prop_attn: bool = True
     trace_source: bool = False
@@ -91,8 +93,14 @@ class MergeConfig:
             raise ValueError(f"MergeConfig.mode must be one of {MERGE_MODES}, got {self.mode!r}.")
         if not self.pyra_ln_eps > 0:
             raise ValueError(f"MergeConfig.pyra_ln_eps must be positive, got {self.pyra_ln_eps!r}.")
-        if isinstance(self.r, Sequence) and not isinstance(self.r, str):
-            object.__setattr__(self, "r", tuple(self.r))
+        if isinstance(self.r, tuple) and not isinstance(self.r, schedules.PerLayer):
+            try:  # ToMe's (r, inflect): its shape and sign do not depend on the depth (>= 2)
+                schedules.parse_r(self.r, 2)
+            except ValueError as e:
+                raise ValueError(f"MergeConfig.r={self.r!r}: a tuple is ToMe's (r, inflect) schedule; {e} "
+                                 f"For one r per layer pass a list, e.g. r={list(self.r)!r}.") from None
+        elif isinstance(self.r, Sequence) and not isinstance(self.r, str):
+            object.__setattr__(self, "r", schedules.PerLayer(self.r))
             if self.r:
                 schedules.parse_r(list(self.r), len(self.r))  # raises on entries that are not ints >= 0
         else:
@@ -105,7 +113,7 @@ class MergeConfig:
 
     def schedule(self, depth: int) -> list[int]:
         """The requested r of each of `depth` layers (before the 50% clamp)."""
-        return schedules.parse_r(list(self.r) if isinstance(self.r, tuple) else self.r, depth)
+        return schedules.parse_r(self.r, depth)
 
 
 def vit_config(name: str) -> dict:

@@ -17,7 +17,9 @@ flags; `summarize` computes AUC, gAUC (grouped by raw user id, never by the enco
 maps every unseen user to the one OOV row) and logloss over the split and per slice (every
 boolean column of the data: 'new', 'repeat', 'infreq' for click logs, 'scene<k>' for scenes).
 The vocabularies are built once over the whole training split (or loaded from
-`data.feature_map`) and written to `<workdir>/feature_map.json`.
+`data.feature_map`, which must be this data's map: FeatureMap.check_data) and written to
+`<workdir>/feature_map.json`; `data.oov_rate` of the training ids are encoded as out of
+vocabulary so that unseen val/test ids read a trained row (jdjax/data/features.py).
 
 The comparison command (`compare`) trains every model of `compare.models` with every seed of
 `compare.seeds` (the data set stays fixed: `data.seed`), each in `<workdir>/<model>/seed<k>`
@@ -29,6 +31,7 @@ selected on validation AUC, with RelaImpr against the first model.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 
@@ -74,7 +77,9 @@ def load_splits(data_cfg) -> tuple[tuple, dict, np.ndarray | None]:
     if data_cfg.name == "amazon":
         from jdjax.data import amazon
 
-        splits = amazon.load(data_cfg.data_dir, maxlen=data_cfg.maxlen, seed=data_cfg.seed)
+        splits = amazon.load(data_cfg.data_dir, maxlen=data_cfg.maxlen, seed=data_cfg.seed,
+                             infreq_threshold=data_cfg.infreq_threshold, negatives=data_cfg.negatives,
+                             dedup_category_level=data_cfg.dedup_category_level, with_id_names=True)
         return amazon.features(data_cfg.embedding_dim, data_cfg.maxlen), splits, None
     if data_cfg.name in ("scenes", "scene_files"):
         if data_cfg.name == "scenes":
@@ -95,7 +100,7 @@ def load_splits(data_cfg) -> tuple[tuple, dict, np.ndarray | None]:
     raise ValueError(f"data.name must be one of {known}, got {data_cfg.name!r}.")
 
 
-PASSTHROUGH = ("scene_index", "ad_index")  # raw integer inputs the models read besides the features
+PASSTHROUGH = ("scene_index", "ad_index", "hist_dedup")  # raw integer inputs the models read besides the features
 
 
 class ImageBankSource:
@@ -114,11 +119,13 @@ class ImageBankSource:
         return batch
 
 
-def encode_split(fmap: FeatureMap, raw: dict, images: np.ndarray | None = None):
+def encode_split(fmap: FeatureMap, raw: dict, images: np.ndarray | None = None, train: bool = False, seed: int = 0,
+                 id_names: dict | None = None):
     """Model inputs plus what the metrics need: label, group (raw user id as int32) and slice flags
-    (every boolean column); with an image bank, batches also carry the ad images."""
+    (every boolean column); with an image bank, batches also carry the ad images. `train` encodes
+    the map's oov_rate of known ids as out of vocabulary; `id_names` as in FeatureMap.fit."""
     names = [f.name for f in fmap.features]
-    enc = fmap.encode({k: raw[k] for k in names})
+    enc = fmap.encode({k: raw[k] for k in names}, train=train, seed=seed, id_names=id_names)
     _, group = np.unique(raw["user"], return_inverse=True)
     arrays = {k: enc[k] for k in names}
     arrays["label"] = raw["label"].astype(np.float32)
@@ -202,10 +209,22 @@ def ctr_task(model, fmap: FeatureMap, sources: dict, **task_kwargs) -> Task:
 
 def build(config) -> Task:
     features, splits, images = load_splits(config.data)
-    fmap = FeatureMap.load(config.data.feature_map) if config.data.feature_map else FeatureMap.fit(features, splits["train"])
-    sources = {name: encode_split(fmap, raw, images) for name, raw in splits.items()}
+    # A reader that keeps integer codes instead of raw ids adds splits['id_names'] = {table: raw ids}
+    # (code k of a table is its raw id k), so the feature map stores raw ids (FeatureMap.fit).
+    id_names = splits.pop("id_names", None)
+    oov_rate = config.data.get("oov_rate", 0.0)
+    if config.data.feature_map:  # reused: it must be this data's map (FeatureMap.check_data)
+        fmap = dataclasses.replace(FeatureMap.load(config.data.feature_map), oov_rate=oov_rate)
+        data = f"data.data_dir={config.data.data_dir!r}" if config.data.data_dir else f"data.name={config.data.name!r}"
+        fmap.check_data(features, splits["train"], config.data.feature_map, data=data, id_names=id_names)
+    else:
+        fmap = FeatureMap.fit(features, splits["train"], oov_rate=oov_rate, id_names=id_names)
+    sources = {name: encode_split(fmap, raw, images, train=name == "train", seed=config.data.seed, id_names=id_names)
+               for name, raw in splits.items()}
     num_scenes = int(splits["train"]["scene_index"].max()) + 1 if "scene_index" in splits["train"] else 0
     model = build_model(config.model, fmap, num_scenes)
+    if "hist_dedup" in splits["train"]:  # amazon's data.dedup_category_level: KFAtt-freq groups by these ids
+        model = model.clone(dedup="hist_dedup")
     task = ctr_task(model, fmap, sources, trainable=config.trainable)
     check_shardable(task.init, config)
     return task
@@ -252,6 +271,11 @@ def validate(config) -> list[str]:
     errors = []
     if config.data.name == "amazon" and not config.data.data_dir:
         errors.append("data.name='amazon' needs --config.data.data_dir (the directory with the reviews and meta files).")
+    if config.data.name == "amazon":
+        from jdjax.data import amazon
+
+        errors += amazon.check_options(config.data.maxlen, config.data.infreq_threshold, config.data.negatives,
+                                       config.data.dedup_category_level)
     if config.data.name == "scene_files" and not config.data.data_dir:
         errors.append("data.name='scene_files' needs --config.data.data_dir (a directory with train, val and test "
                       ".parquet / .csv / .csv.gz files).")
@@ -275,6 +299,8 @@ def validate(config) -> list[str]:
         errors.append(f"model.kt_weight must be >= 0, got {config.model.kt_weight}.")
     if config.data.feature_map and not os.path.exists(config.data.feature_map):
         errors.append(f"data.feature_map={config.data.feature_map!r} does not exist; leave it empty to build one.")
+    if not 0.0 <= config.data.get("oov_rate", 0.0) < 1.0:
+        errors.append(f"data.oov_rate must be in [0, 1) (0 = off), got {config.data.oov_rate}.")
     if config.model.table_row_multiple <= 0:
         errors.append(f"model.table_row_multiple must be positive, got {config.model.table_row_multiple}.")
     return errors

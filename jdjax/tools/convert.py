@@ -81,6 +81,9 @@ def cli(argv: Sequence[str]) -> int:
     except ConversionError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # e.g. --dst under a file or a read-only directory
+        print(f"{prog}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_USAGE
     from flax import traverse_util  # late: --help and usage errors need no jax
 
     n = sum(np.size(v) for v in traverse_util.flatten_dict(converted.params).values())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import sys
 import time
@@ -12,7 +10,7 @@ import jax
 from etils import epath
 from tqdm.auto import tqdm
 
-from jdjax.io import as_path, is_remote, write_text
+from jdjax.io import as_path, dumps, is_remote, write_text
 
 
 def is_main_process() -> bool:
@@ -26,6 +24,9 @@ def save_config(config, workdir: epath.PathLike) -> None:
 
 class MetricWriter:
     """Appends `{"step": s, name: value, ...}` lines to workdir/metrics.jsonl and TensorBoard events.
+
+    Every line is strict JSON (`jdjax.io.dumps`): a NaN or infinite value is written as the string
+    "nan", "inf" or "-inf" (`jdjax.io.loads` reads it back as a float); TensorBoard gets the float.
 
     A local metrics.jsonl is appended to and flushed line by line. A bucket cannot append to an
     object, so for a gs:// workdir the whole file (earlier runs' lines included) is uploaded again
@@ -54,7 +55,7 @@ class MetricWriter:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in metrics.items()}
-        line = json.dumps({"step": int(step), **{k: v if math.isfinite(v) else str(v) for k, v in clean.items()}}) + "\n"
+        line = dumps({"step": int(step), **clean}) + "\n"
         if self._jsonl is not None:
             self._jsonl.write(line)
             self._jsonl.flush()

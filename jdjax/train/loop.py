@@ -43,7 +43,13 @@ MAX_STEPS_IN_FLIGHT = 4
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss."""
+    """Training produced a NaN or infinite loss. The message says whether that step's batch held
+    non-finite inputs (then the data is at fault) and which checkpoint, if any, a rerun resumes from."""
+
+
+# Train-step metrics under this prefix count the non-finite values of each floating input of the
+# batch; the loop reads them for its NonFiniteLossError message and does not log them.
+NONFINITE_INPUTS = "nonfinite_inputs/"
 
 
 class Preemption:
@@ -90,9 +96,37 @@ def make_train_step(task: Task, tx, schedule, mask):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step), **aux}
+        metrics.update(_count_nonfinite(batch))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
+
+
+def _count_nonfinite(batch) -> dict:
+    """{NONFINITE_INPUTS + key: number of NaN/inf values} for every floating leaf of `batch`."""
+    leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+    return {
+        NONFINITE_INPUTS + jax.tree_util.keystr(path, simple=True, separator="/"): jnp.sum(~jnp.isfinite(x))
+        for path, x in leaves
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    }
+
+
+def _nonfinite_message(loss: float, step: int, bad_inputs: dict[str, int], latest_step, workdir, every_steps) -> str:
+    """The NonFiniteLossError message: the cause (the batch's inputs, or the optimization) and what a
+    rerun resumes from (a checkpoint only when one was saved)."""
+    if bad_inputs:
+        counts = ", ".join(f"{k!r}: {n}" for k, n in sorted(bad_inputs.items()))
+        cause = (f"The batch of step {step} itself holds NaN or infinite inputs (non-finite values per input: {counts}): "
+                 "the training data is at fault, not the learning rate. Find and fix or drop those values in the "
+                 "training data (the CSV/Parquet readers name the file, row and column), then rerun.")
+    else:
+        cause = ("Lower the learning rate or enable gradient clipping (--config.optimizer.grad_clip_norm), then rerun.")
+    if latest_step is None:
+        saved = f"No checkpoint was saved before it (one is saved every {every_steps} steps): a rerun starts from step 0."
+    else:
+        saved = f"The last good checkpoint (step {latest_step}) is kept in {workdir}/ckpt: a rerun resumes from it."
+    return f"the training loss became {loss} at step {step}. Training stopped. {cause} {saved}"
 
 
 def evaluate(predict_step, params, source, global_batch: int, mesh, summarize) -> dict[str, float]:
@@ -248,13 +282,12 @@ def train_and_evaluate(config, workdir: epath.PathLike, task: Task) -> dict:
         nonlocal last_flush
         fetched = jax.device_get([m for _, m in pending])
         for (step, _), metrics in zip(pending, fetched):
-            host = {k: float(v) for k, v in metrics.items()}
+            host = {k: float(v) for k, v in metrics.items() if not k.startswith(NONFINITE_INPUTS)}
             if not math.isfinite(host["loss"]):
-                raise NonFiniteLossError(
-                    f"the training loss became {host['loss']} at step {step}. Training stopped; the last good "
-                    f"checkpoint (step {ckpt.latest_step()}) is kept in {workdir}/ckpt. Lower the learning rate "
-                    "or enable gradient clipping (--config.optimizer.grad_clip_norm), then rerun to resume."
-                )
+                bad = {k.removeprefix(NONFINITE_INPUTS): int(v) for k, v in metrics.items()
+                       if k.startswith(NONFINITE_INPUTS) and int(v)}
+                raise NonFiniteLossError(_nonfinite_message(host["loss"], step, bad, ckpt.latest_step(), workdir,
+                                                            config.checkpoint.every_steps))
             history.append(host)
             if step % every == 0 or step == num_steps:
                 mean = {f"train/{k}": float(np.mean([h[k] for h in history])) for k in history[0]}

@@ -74,3 +74,16 @@ def test_bad_inputs_are_named():
         ctr.auc([0, 1], [0.1])
     with pytest.raises(ValueError, match="must be 0 or 1"):
         ctr.auc([0, 2], [0.1, 0.2])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_scores_raise_like_sklearn(bad):
+    """A NaN score used to count as the top score: a plausible AUC of a broken model."""
+    y = np.array([0, 1, 0, 1])
+    s = np.array([0.1, bad, 0.3, 0.2])
+    with pytest.raises(ValueError):
+        roc_auc_score(y, s)
+    for name, call in (("auc", lambda: ctr.auc(y, s)), ("gauc", lambda: ctr.gauc(y, s, [0, 0, 1, 1])),
+                       ("logloss", lambda: ctr.logloss(y, s))):
+        with pytest.raises(ValueError, match=rf"{name}: 1 of 4 scores are not finite numbers \(the first at index 1"):
+            call()

@@ -1,5 +1,7 @@
 """Real image data through tfds.data_source (jdjax/data/tfds_source.py), on tfds mock data."""
 
+import json
+import pathlib
 import sys
 
 import numpy as np
@@ -118,3 +120,69 @@ def test_image_decoder_on_a_record():
     assert out["image"].shape == (4, 4, 3) and out["image"].dtype == np.float32
     np.testing.assert_allclose(out["image"], 0.2 * 2 - 1, rtol=1e-6)
     assert out["label"] == 7 and out["label"].dtype == np.int32
+
+
+# ----------------------------------------------------------------------------- bad input (issue 16)
+
+
+def _prepared(data_dir, name="mnist", version="3.0.1", file_format="array_record", splits=(("train", 4), ("test", 2))):
+    """A data_dir whose `name` looks prepared: its dataset_info.json only (no ArrayRecord shards), a few hundred bytes."""
+    folder = data_dir / name / version
+    folder.mkdir(parents=True)
+    info = {"name": name, "version": version, "fileFormat": file_format, "splits": [
+        {"name": s, "numBytes": "100", "shardLengths": [str(n)], "filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"}
+        for s, n in splits]}
+    (folder / "dataset_info.json").write_text(json.dumps(info))
+    return str(data_dir)
+
+
+def _refused(data_dir, splits, *expected):
+    before = sorted(str(p) for p in pathlib.Path(data_dir).rglob("*"))
+    with pytest.raises(FileNotFoundError) as err:
+        tfds_source.tfds_image_splits("mnist", data_dir, splits, image_size=8)
+    msg = str(err.value)
+    for text in expected:
+        assert text in msg, msg
+    assert sorted(str(p) for p in pathlib.Path(data_dir).rglob("*")) == before  # nothing written, nothing downloaded
+    return msg
+
+
+def test_data_dir_without_the_data_set(tmp_path):
+    msg = _refused(str(tmp_path), {"train": "train"}, f"mnist split 'train' in data_dir '{tmp_path}'",
+                   f"{tmp_path / 'mnist'} does not exist", f"`tfds build mnist --data_dir={tmp_path} --file_format=array_record`")
+    assert "TFRECORD" not in msg  # tfds' own message blames a TFRecord build that is not there
+
+
+def test_wrong_split_names_the_prepared_ones(tmp_path):
+    data_dir = _prepared(tmp_path)
+    _refused(data_dir, {"val": "validation"}, "mnist split 'validation'", "mnist has no split 'validation'",
+             "the prepared splits are train (4 examples), test (2 examples)", "Name one of the prepared splits")
+    _refused(data_dir, {"train": "train[10:20]"}, "slice [10:20] incompatible with 4 examples")
+
+
+def test_missing_shards_tfrecord_build_and_other_version(tmp_path):
+    _refused(_prepared(tmp_path / "a"), {"train": "train"}, "cannot read its first record",
+             "mnist-train.array_record-00000-of-00001", "the prepared files are incomplete", "tfds build mnist")
+    _refused(_prepared(tmp_path / "b", file_format="tfrecord"), {"train": "train"}, "was prepared as tfrecord",
+             "reads ArrayRecord only", "--file_format=array_record")
+    _refused(_prepared(tmp_path / "c", version="1.0.0"), {"train": "train"},
+             f"{tmp_path / 'c' / 'mnist' / '3.0.1'} does not exist", "the data_dir has ['1.0.0']")
+
+
+def test_records_without_image_or_label_and_images_of_the_wrong_rank(tmp_path):
+    # a data set without an image feature (tfds mock data of a text data set): refused when the split is opened
+    mock = tfds.testing.mock_data(num_examples=2, policy=tfds.testing.MockPolicy.USE_CODE, data_dir=str(tmp_path))
+    with mock, pytest.raises(ValueError) as err:
+        tfds_source.tfds_image_splits("imdb_reviews", str(tmp_path), {"train": "train"}, image_size=8)
+    assert str(err.value) == (f"imdb_reviews split 'train' in {tmp_path}: a record without the 'image' feature (it has "
+                              "'label', 'text'). Use an image classification data set (features 'image' and 'label').")
+    decode = tfds_source.image_decoder(8, "imagenet", where="mnist split 'train' in /data")
+    with pytest.raises(ValueError, match=r"^mnist split 'train' in /data: a record without the 'label' feature \(it has 'image'\)"):
+        decode({"image": np.zeros((4, 4, 1), np.uint8)})
+    for shape in [(4,), (2, 4, 4, 3), (4, 4, 4), (0, 4, 3)]:
+        with pytest.raises(ValueError) as err:
+            decode({"image": np.zeros(shape, np.uint8), "label": np.int64(1)})
+        assert str(err.value).startswith(f"mnist split 'train' in /data: an image of shape {shape} and dtype uint8; "
+                                         "expected [H, W] or [H, W, 1 or 3] pixels"), str(err.value)
+    with pytest.raises(ValueError, match="the 'label' feature is float32"):
+        decode({"image": np.zeros((4, 4), np.uint8), "label": np.float32(1.5)})

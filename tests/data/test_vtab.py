@@ -140,6 +140,14 @@ def test_out_of_range_label_is_an_error():
         decode({"image": np.zeros((8, 8, 3), np.uint8), "objects": {"size": np.zeros(12)}})
 
 
+def test_label_features_are_the_ones_the_labels_read():
+    for task in vtab.TASKS.values():
+        record = {task.label_feature: 0}
+        if task.label_feature == "objects":
+            continue  # nested: checked by test_derived_labels_on_hand_made_records
+        assert task.label(record) == 0, task.name
+
+
 def test_derived_labels_on_hand_made_records():
     count = vtab.TASKS["clevr_count"].label
     assert count({"objects": {"size": np.zeros(3)}}) == 0 and count({"objects": {"size": np.zeros(10)}}) == 7
@@ -298,3 +306,52 @@ def test_sweep_usage_errors(tmp_path):
                           timeout=120, check=False)
     assert proc.returncode == 2 and "invalid config" in proc.stderr and "num_heads=3" in proc.stderr, proc.stderr[-2000:]
     assert not os.path.exists(tmp_path / "w")
+
+
+# ----------------------------------------------------------------------------- bad input (issue 16)
+
+
+def test_wrong_split_names_the_task_split_and_dir(tmp_path):
+    """A prepared dtd without its validation split (dataset_info.json only, no shards): the val200 slice is refused."""
+    folder = tmp_path / "dtd" / "3.0.1"
+    folder.mkdir(parents=True)
+    split = lambda name: {"name": name, "numBytes": "1", "shardLengths": ["1880"],  # noqa: E731
+                          "filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"}
+    info = {"name": "dtd", "version": "3.0.1", "fileFormat": "array_record", "splits": [split("train"), split("test")]}
+    (folder / "dataset_info.json").write_text(json.dumps(info))
+    with pytest.raises(FileNotFoundError) as err:
+        vtab.vtab_splits("dtd", str(tmp_path))
+    msg = str(err.value)
+    assert msg.startswith(f"VTAB task 'dtd': dtd split 'train[:800]' in data_dir '{tmp_path}': cannot read its first "
+                          "record"), msg  # train is opened first: its shard files are missing
+    assert f"tfds build dtd --data_dir={tmp_path} --file_format=array_record" in msg
+    task = vtab.TASKS["dtd"]
+    with pytest.raises(FileNotFoundError) as err:
+        vtab.open_split(task.builder, task.val, str(tmp_path), vtab.decoder(task, 8), context="VTAB task 'dtd': ")
+    assert ("dtd has no split 'validation'; the prepared splits are train (1,880 examples), test (1,880 examples)"
+            in str(err.value))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["3.0.1", "dataset_info.json", "dtd"]
+
+
+def test_malformed_records_name_the_task_split_and_fix():
+    decode = vtab.decoder(vtab.TASKS["clevr_count"], 8, "train[:800]", "/data/tfds")
+    where = "VTAB task 'clevr_count' (clevr split 'train[:800]' in /data/tfds)"
+    fix = "Prepare it again with `tfds build clevr --data_dir=/data/tfds --file_format=array_record`"
+    with pytest.raises(ValueError) as err:
+        decode({"objects": {"size": np.zeros(4)}, "file_name": b"x.png"})
+    assert str(err.value).startswith(f"{where}: a record without the 'image' feature (it has 'file_name', 'objects'). "
+                                     f"{fix}"), str(err.value)
+    with pytest.raises(ValueError) as err:
+        decode({"image": np.zeros((8, 8, 3), np.uint8)})
+    assert str(err.value).startswith(f"{where}: a record without the 'objects' feature (it has 'image')"), str(err.value)
+    with pytest.raises(ValueError) as err:  # a feature of the wrong structure
+        decode({"image": np.zeros((8, 8, 3), np.uint8), "objects": {"color": np.zeros(4)}})
+    assert str(err.value).startswith(f"{where}: cannot read the label from the 'objects' feature of a record "
+                                     "(KeyError: 'size')"), str(err.value)
+    with pytest.raises(ValueError) as err:
+        decode({"image": np.zeros((2, 8, 8, 3), np.uint8), "objects": {"size": np.zeros(4)}})
+    assert str(err.value).startswith(f"{where}: an image of shape (2, 8, 8, 3) and dtype uint8; expected [H, W] or "
+                                     "[H, W, 1 or 3] pixels"), str(err.value)
+    plain = vtab.decoder(vtab.TASKS["dtd"], 8)  # without a split: the task and builder only
+    with pytest.raises(ValueError, match=r"^VTAB task 'dtd' \(dtd\): a record without the 'label' feature"):
+        plain({"image": np.zeros((8, 8, 3), np.uint8)})

@@ -2,8 +2,10 @@
 
 import functools
 import itertools
+import operator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -301,3 +303,101 @@ def test_chunked_run_equals_vmapped():
     np.testing.assert_array_equal(per["assignment"], per_c["assignment"])
     np.testing.assert_allclose(per["price"], per_c["price"], rtol=1e-5, atol=1e-6)
     assert summary_c == pytest.approx(summary, rel=1e-5)
+
+
+# ----- incentives: a misreport search, and ads with predicted CTR 0
+
+
+MISREPORT_GRID = np.concatenate([[1.0], np.geomspace(0.02, 10.0, 24)])  # report = multiple of the value; truth first
+
+
+def misreport_gains(p, pages, vb_ad, vb_org, reserve, chunk=8):
+    """For every page and ad i, with the others' bids fixed, the best gain over bidding the value
+    (the page's bid) from reporting value * m for m on MISREPORT_GRID; utility = value * clicks -
+    payment, clicks = predicted CTR of i in the chosen allocation (the true CTR here).
+    Returns (gain with unclipped prices [B, N], gain with clipped prices [B, N], truthful price
+    clipped [B, N] bool)."""
+    ctr_fn, slots = al.true_ctr_fn(p), np.asarray(p.ad_slots)
+
+    def one(pg):
+        res = al.auction(pg, al.Exhaustive(), ctr_fn, p, vb_ad, vb_org, reserve)
+        return (res.allocation.assignment, res.allocation.ctr[slots], res.payments.raw, res.payments.price,
+                res.payments.clip_low | res.payments.clip_high)
+
+    run = jax.jit(jax.vmap(one))
+    n, g = p.num_ads, len(MISREPORT_GRID)
+    out, pages = [], jax.tree.map(np.asarray, pages)
+    for start in range(0, pages.bid.shape[0], chunk):
+        pg = jax.tree.map(operator.itemgetter(slice(start, start + chunk)), pages)
+        value = pg.bid.astype(np.float64)  # [b, N]
+        b = value.shape[0]
+        bids = np.broadcast_to(value[:, None, None, :], (b, n, g, n)).copy()  # [b, ad i, grid, N]
+        for i in range(n):
+            bids[:, i, :, i] = value[:, i, None] * MISREPORT_GRID
+        batch = jax.tree.map(lambda x: np.repeat(x, n * g, 0), pg)._replace(bid=bids.reshape(-1, n).astype(np.float32))
+        a, c, raw, price, clipped = (np.asarray(x).reshape(b, n, g, -1) for x in run(batch))
+        mine = a == np.arange(n)[None, :, None, None]  # [b, N, G, K]: ad i's ad slot
+        clicks = np.sum(mine * c, -1)
+        u_raw = value[..., None] * clicks - np.sum(np.where(mine & (c > 0), raw * c, 0.0), -1)
+        u_clip = value[..., None] * clicks - np.sum(mine * price * c, -1)
+        out.append((u_raw.max(-1) - u_raw[..., 0], u_clip.max(-1) - u_clip[..., 0], np.any(mine & clipped, -1)[..., 0]))
+    return tuple(np.concatenate(x) for x in zip(*out))
+
+
+@pytest.mark.parametrize("variant", ["competition", "complementarity"])
+def test_unclipped_vcg_has_no_profitable_misreport(variant):
+    """Exhaustive (maximal-in-range, bid-independent) VCG: bidding the value is a best response
+    with the unclipped prices, for every advertiser of every page, whatever the others bid."""
+    p = env(variant)
+    gain_raw, gain_clip, clipped = misreport_gains(p, pages_of(p, 32, seed=6), vb_ad=0.1, vb_org=0.5, reserve=0.05)
+    assert gain_raw.max() <= 1e-5, f"profitable misreport with unclipped VCG prices: gain {gain_raw.max():.2e}"
+    # Clipping is what breaks it: only ads whose truthful price was clipped gain by misreporting.
+    assert np.all(gain_clip[~clipped] <= 1e-5)
+    print(f"{variant}: {int(clipped.sum())} clipped of {clipped.size} (page, ad) pairs, "
+          f"{int((gain_clip[clipped] > 1e-5).sum())} of them with a profitable misreport under the clipped prices")
+
+
+class ZeroCtrForAd0:
+    """The true click model, except that ad 0 gets no clicks itself and raises the CTR of every
+    other item on the page by half: the welfare-maximising page shows it, and its VCG transfer is
+    negative (removing it costs the others clicks)."""
+
+    def __init__(self, p):
+        self.true = al.true_ctr_fn(p)
+
+    def __call__(self, page, lays):
+        ctr = self.true(page, lays)  # [A, S]
+        ad0 = lays.ad == 0  # [A, S]
+        shown = jnp.any(ad0, axis=-1, keepdims=True)
+        return jnp.where(ad0, 0.0, jnp.where(shown, jnp.minimum(1.5 * ctr, 1.0), ctr))
+
+
+def test_winning_ad_with_zero_ctr_is_flagged_and_counted():
+    p = env("competition")
+    pages = pages_of(p, 16, seed=7)
+    per, summary = al.run_auctions(pages, p, ctr_fn=ZeroCtrForAd0(p), vb_org=0.5, reserve=0.05)
+    assignment = np.asarray(per["assignment"])
+    zero = assignment == 0  # ad 0 wins an ad slot: predicted CTR 0, negative transfer
+    assert zero.any(axis=1).sum() >= 8
+    low, high = np.asarray(per["clip_low"]), np.asarray(per["clip_high"])
+    assert low[zero].all() and not high[zero].any()
+    assert np.all(np.asarray(per["raw_price"])[zero] == -np.inf) and np.all(np.asarray(per["price"])[zero] == 0.05)
+    shown = assignment >= 0
+    assert summary["clip_low_rate"] == pytest.approx(low[shown].sum() / shown.sum())
+    assert summary["clip_rate"] >= zero.sum() / shown.sum()
+
+
+def test_zero_ctr_transfer_signs():
+    """vcg_payments on a hand-made allocation: a winner with predicted CTR 0 in every ad slot, with
+    a negative, positive and zero transfer (max over A_-i minus the others' welfare)."""
+    p = env("none")
+    page = jax.tree.map(lambda x: x[0], pages_of(p, 1))
+    ctr = np.full(p.num_slots, 0.1, np.float32)
+    ctr[list(p.ad_slots)] = 0.0
+    alloc = al.Allocation(index=np.int32(0), assignment=np.array([0, 1, 2], np.int32), welfare=np.float32(1.0),
+                          ctr=ctr, welfares=np.zeros(1, np.float32))
+    pay = al.vcg_payments(page, alloc, np.array([0.9, 1.1, 1.0], np.float32), p, reserve=0.05)
+    np.testing.assert_array_equal(pay.clip_low, [True, False, False])
+    np.testing.assert_array_equal(pay.clip_high, [False, True, False])
+    np.testing.assert_array_equal(pay.raw, np.array([-np.inf, np.inf, 0.05], np.float32))
+    np.testing.assert_allclose(pay.price, [0.05, page.bid[1], 0.05])

@@ -490,3 +490,69 @@ def test_paper_regret_reproduced(scenario):
         assert lo <= target <= hi, (name, lo, target, hi)
         means[name] = final.mean()
     assert means["dts"] < means["naive_ts"]
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("one_column", b"100\t\t1\n200\n", ":2: 1 column; expected at least 2 tab-separated columns"),
+    ("spaces", b"100 200\n", ":1: 1 column (it has ' ' but no tab: is the file space-separated?)"),
+    ("column_count", b"100\t200\t1\t2\n300\t\t1\n", ":2: 3 tab-separated columns, but line 1 has 4"),
+    ("non_numeric", b"100\t200\nabc\t300\n", ":2: the click timestamp (column 1) is 'abc', not a number"),
+    ("nan_click", b"1\t\nnan\t200\n", ":2: the click timestamp (column 1) is 'nan'; timestamps are finite"),
+    ("inf_conversion", b"100\tinf\n", ":1: the conversion timestamp (column 2) is 'inf'; timestamps are finite"),
+    ("non_numeric_conversion", b"100\t2O0\n", ":1: the conversion timestamp (column 2) is '2O0', not a number"),
+    ("empty_click", b"100\t\n\t200\n", ":2: the click timestamp (column 1) is empty"),
+    ("empty_line", b"100\t200\n\n300\t\n", ":2: the line is empty"),
+    ("latin1", b"100\t200\tcaf\xe9\n", ":1: byte 12 of the line (b'\\xe9') is not UTF-8 text"),
+    ("conversion_first", b"100\t50\n", ":1: the conversion at 50 comes before its click at 100"),
+    ("empty_file", b"", ": the Criteo conversion log is empty"),
+])
+def test_criteo_reader_malformed_rows(tmp_path, name, data, message):
+    """Every malformed row is `file:line: what is wrong` (a CriteoLogError, a ValueError), nothing else."""
+    path = tmp_path / f"{name}.txt"
+    path.write_bytes(data)
+    with pytest.raises(sim.CriteoLogError) as err:
+        sim.read_criteo_log(str(path))
+    assert str(err.value).startswith(f"{path}{message}"), str(err.value)
+    e = err.value  # no chained exception: the message is all a user sees
+    assert isinstance(e, ValueError) and e.__cause__ is None and (e.__context__ is None or e.__suppress_context__)
+
+
+def test_criteo_reader_damaged_gzip(tmp_path):
+    good = b"".join(b"%d\t%d\t1\n" % (i, i + 5) for i in range(3000))
+    packed = gzip.compress(good)
+    (tmp_path / "cut.txt.gz").write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(sim.CriteoLogError, match=r"cut\.txt\.gz:\d+: cannot read on \(EOFError: .*truncated"):
+        sim.read_criteo_log(str(tmp_path / "cut.txt.gz"))
+    (tmp_path / "plain.txt.gz").write_bytes(good)
+    with pytest.raises(sim.CriteoLogError, match=r"plain\.txt\.gz: the name ends in \.gz but the file is not gzip"):
+        sim.read_criteo_log(str(tmp_path / "plain.txt.gz"))
+
+
+def test_criteo_missing_conversion_markers(tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_bytes(b"1\t\t7\n2\tNA\t7\n3\tnan\t7\n4\t9.5\t7\n")
+    log = sim.read_criteo_log(str(path))
+    np.testing.assert_array_equal(log.click_time, [1, 2, 3, 4])
+    np.testing.assert_array_equal(log.delay, [np.inf, np.inf, np.inf, 5.5])
+
+
+def test_short_criteo_log_is_refused_before_anything_is_written(tmp_path):
+    write_criteo(str(tmp_path / "criteo.txt"), [(1.0, None), (2.0, 3.0)])
+    cfg = get_config("smoke")
+    cfg.scenarios, cfg.criteo_path = "criteo", str(tmp_path / "criteo.txt")
+    with pytest.raises(sim.CriteoLogError, match="has 2 clicks, fewer than config.criteo_horizon"):
+        sim.run_delayed_feedback(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_criteo_row_through_main_exits_2_with_one_message(tmp_path):
+    from jdjax import testing
+
+    bad = tmp_path / "criteo.txt"
+    bad.write_bytes(b"100\t200\n300\t2O0\n")
+    workdir = tmp_path / "run"
+    proc = testing.run_main("configs/delayed_feedback.py:smoke", str(workdir), "--config.scenarios=criteo",
+                            f"--config.criteo_path={bad}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{bad}:2: the conversion timestamp (column 2) is '2O0', not a number" in proc.stderr
+    assert "Traceback" not in proc.stderr and not workdir.exists()

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from jdjax.econ import experiment as ex
+from jdjax import io
 from jdjax.econ.experiment import Click, Conversion, Experiment
 
 ARMS = ("a", "b", "c")
@@ -86,40 +86,153 @@ def test_restart_continues_exactly(tmp_path):
     assert json.dumps(restored.to_json()) == json.dumps(straight.to_json())
 
 
-def test_save_is_atomic(tmp_path, monkeypatch):
-    path = str(tmp_path / "exp.json")
+def saved_experiment(tmp_path):
+    """An experiment with every kind of record, saved to tmp_path / 'exp.json'; (experiment, path, bytes)."""
+    path = tmp_path / "exp.json"
     exp = Experiment(ARMS)
     exp.assign(["r1", "r2"], now=1.0)
-    exp.save(path)
-    with open(path) as f:
-        before = f.read()
-    exp.record([Click("c1", "r1", 2.0)])
+    exp.record([Click("c1", "r1", 2.0), Conversion("c1", 3.0)])
+    exp.save(str(path))
+    return exp, path, path.read_bytes()
 
-    def broken_dump(*args, **kwargs):
-        raise OSError("disk full")
 
-    monkeypatch.setattr(ex.json, "dump", broken_dump)
-    with pytest.raises(OSError, match="disk full"):
-        exp.save(path)
-    with open(path) as f:
-        assert f.read() == before
+def half_written_open(real_open):
+    """An epath open() whose files fail half-way through a write, as on a full disk."""
+
+    def open_(self, mode="r", *args, **kwargs):
+        f = real_open(self, mode, *args, **kwargs)
+        if "w" not in mode:
+            return f
+
+        class HalfWritten:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                f.close()
+
+            def write(self, data):
+                f.write(data[: len(data) // 2])
+                f.flush()
+                raise OSError(28, "No space left on device")
+
+        return HalfWritten()
+
+    return open_
+
+
+@pytest.mark.parametrize("failure", ["disk full mid-write", "rename fails"])
+def test_failed_save_keeps_the_previous_state_file(tmp_path, monkeypatch, failure):
+    exp, path, before = saved_experiment(tmp_path)
+    exp.record([Click("c2", "r2", 4.0)])
+    gpath = type(io.as_path(path))
+    if failure == "disk full mid-write":
+        monkeypatch.setattr(gpath, "open", half_written_open(gpath.open))
+        message = "No space left"
+    else:
+        def broken_replace(self, target):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(gpath, "replace", broken_replace)
+        message = "Permission denied"
+    with pytest.raises(OSError, match=message):
+        exp.save(str(path))
+    monkeypatch.undo()
+    assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["exp.json"]  # no temporary file left behind
+    assert "c2" not in [c for c, _, _ in Experiment.load(str(path)).to_json()["clicks"]]
 
 
-def test_load_rejects_broken_files(tmp_path):
+def test_save_takes_path_objects_and_refuses_missing_directories(tmp_path):
+    exp, path, _ = saved_experiment(tmp_path)
+    exp.save(path)  # a pathlib.Path works as a str
+    assert json.dumps(Experiment.load(path).to_json()) == json.dumps(exp.to_json())
+    with pytest.raises(FileNotFoundError, match="does not exist; create it first"):
+        exp.save(str(tmp_path / "no" / "exp.json"))
+    assert os.listdir(tmp_path) == ["exp.json"]
+
+
+def test_zero_delay_conversions_round_trip(tmp_path):
+    """All of an arm's conversions at the click time give delay_rate = inf; its saved state loads."""
+    exp = Experiment(ARMS)
+    ids = [f"r{i}" for i in range(9)]
+    exp.assign(ids, now=1.0)
+    exp.record([Click("c" + r[1:], r, 1.0) for r in ids] + [Conversion("c" + r[1:], 1.0) for r in ids])
+    exp.assign(["r9"], now=1.0)
+    assert math.inf in exp.to_json()["estimator"]["delay_rate"]
+    exp.save(str(tmp_path / "exp.json"))
+    restored = Experiment.load(str(tmp_path / "exp.json"))
+    assert json.dumps(restored.to_json()) == json.dumps(exp.to_json())
+    assert restored.assign(["r10", "r11"], now=2.0) == exp.assign(["r10", "r11"], now=2.0)
+
+
+def test_load_rejects_missing_files_and_directories(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         Experiment.load(str(tmp_path / "missing.json"))
-    path = tmp_path / "exp.json"
-    path.write_text("{not json")
-    with pytest.raises(ValueError, match="broken JSON"):
+    with pytest.raises(ValueError, match="is a directory"):
+        Experiment.load(str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def edit(key, value):
+    def change(data):
+        data[key] = value
+        return json.dumps(data).encode()
+
+    return change
+
+
+def edit_settings(key, value):
+    def change(data):
+        data["settings"][key] = value
+        return json.dumps(data).encode()
+
+    return change
+
+
+def edit_estimator(key, value):
+    def change(data):
+        data["estimator"][key] = value
+        return json.dumps(data).encode()
+
+    return change
+
+
+def first_arm_index_true(data):
+    data["requests"][0][1] = True  # JSON true, which Python reads as 1
+    return json.dumps(data).encode()
+
+
+BROKEN_FILES = [
+    ("not UTF-8", lambda data: json.dumps(data).encode().replace(b'"r1"', b'"r\xff1"'),
+     "not a valid experiment state: not UTF-8 text"),
+    ("truncated", lambda data: json.dumps(data).encode()[:150], "not a valid experiment state: broken JSON"),
+    ("empty", lambda data: b"", "not a valid experiment state: broken JSON"),
+    ("arm index true", first_arm_index_true, r"not a valid experiment state.*bad request record \['r1', True"),
+    ("unknown request", edit("clicks", [["c1", "r-unknown", 2.0]]), "not a valid experiment state.*unknown request"),
+    ("other format", edit("format", "jdjax.econ.experiment/0"), "not a valid experiment state.*format"),
+    ("not an object", lambda data: b"[]", "not a valid experiment state"),
+    ("arms a string", edit("arms", "abc"), "arms and prior must be lists"),
+    ("prior true", edit("prior", [[True, 1.0], [1.0, 1.0], [1.0, 1.0]]), "prior must hold"),
+    ("n_updates true", edit("n_updates", True), "n_updates must be an integer"),
+    ("em_cycles true", edit_settings("em_cycles", True), "em_cycles and draws must be integers"),
+    ("seed a string", edit_settings("seed", "7"), "seed must be an integer"),
+    ("threshold a string", edit_settings("stop_threshold", "0.9"), "stop_threshold must be a finite number"),
+    ("delay rate true", edit_estimator("delay_rate", [True, 0.01, 0.01]), "estimator state"),
+    ("cvr above 1", edit_estimator("cvr", [1.5, 0.2, 0.2]), "estimator state"),
+    ("nan cvr", edit_estimator("cvr", [math.nan, 0.2, 0.2]), "estimator state"),
+]
+
+
+@pytest.mark.parametrize("name,corrupt,message", BROKEN_FILES, ids=[c[0] for c in BROKEN_FILES])
+def test_load_rejects_broken_files(tmp_path, name, corrupt, message):
+    _, path, saved = saved_experiment(tmp_path)
+    bad = corrupt(json.loads(saved))
+    path.write_bytes(bad)
+    with pytest.raises(ValueError, match=message) as err:
         Experiment.load(str(path))
-    exp = Experiment(ARMS)
-    exp.assign(["r1"], now=1.0)
-    data = exp.to_json()
-    data["clicks"] = [["c1", "r-unknown", 2.0]]
-    path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="not a valid experiment state.*unknown request"):
-        Experiment.load(str(path))
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert path.read_bytes() == bad and os.listdir(tmp_path) == ["exp.json"]  # nothing written
 
 
 def bad_event_cases():

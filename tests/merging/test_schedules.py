@@ -2,7 +2,7 @@
 
 import pytest
 
-from jdjax.merging.schedules import clamp_schedule, parse_r, token_counts
+from jdjax.merging.schedules import PerLayer, clamp_schedule, parse_r, token_counts
 
 VIT_B_HIGH = [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3]
 VIT_L_HIGH = [20, 19, 18, 17, 15, 13, 13, 12, 10, 9, 8, 6, 6, 4, 4, 4, 3, 3, 2, 2, 1, 1, 1, 1]
@@ -22,6 +22,16 @@ def test_parse_r_decreasing_tuple():
 def test_parse_r_list_is_zero_padded():
     assert parse_r([5, 4], 4) == [5, 4, 0, 0]
     assert parse_r(VIT_B_HIGH, 12) == VIT_B_HIGH
+
+
+def test_per_layer_is_a_list_never_a_tome_tuple():
+    assert parse_r(PerLayer([16, 0]), 4) == [16, 0, 0, 0]
+    assert parse_r((16, 0), 4) == [16] * 4
+    assert PerLayer([16, 0]) != (16, 0) and (16, 0) != PerLayer([16, 0]) and PerLayer([16, 0]) == PerLayer((16, 0))
+    assert len({PerLayer([16, 0]), (16, 0)}) == 2 and repr(PerLayer([3])) == "PerLayer([3])"
+    assert list(PerLayer([3, 2])) == [3, 2] and PerLayer([3, 2])[1] == 2
+    with pytest.raises(ValueError, match="non-negative ints"):
+        parse_r(PerLayer([16, -1]), 4)
 
 
 @pytest.mark.parametrize(

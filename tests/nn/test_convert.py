@@ -440,3 +440,52 @@ def test_unknown_names():
         cv.clip_name_config("RN50")
     with pytest.raises(cv.ConversionError, match="unknown ViT model name"):
         cv.vit_name_config("resnet50")
+
+
+# ----------------------------------------------------------------------------- damaged files (issue 16)
+
+
+def _clip_file(hf_clip, tmp_path, **damage):
+    """An open_clip training checkpoint of the tiny CLIP with some tensors replaced (`damage`)."""
+    sd = {**_openai_state_dict(hf_clip.state_dict()), **damage}
+    path = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "state_dict": {"module." + k: v for k, v in sd.items()}}, path)
+    return str(path)
+
+
+def test_wrong_text_projection_is_named_not_visual_proj(hf_clip, tmp_path):
+    """The embedding size used to be read from text_projection alone, so a damaged text_projection was
+    reported as a wrong-shape visual.proj (a fine tensor)."""
+    src = _clip_file(hf_clip, tmp_path, text_projection=torch.zeros(WIDTH, EMBED + 1))
+    with pytest.raises(cv.ConversionError) as e:
+        cv.convert(src, "open_clip", vision_heads=HEADS, text_heads=HEADS)
+    msg = str(e.value)
+    assert msg.startswith(f"open_clip key 'text_projection' has shape ({WIDTH}, {EMBED + 1}), but CLIP(embed_dim={EMBED}")
+    assert f"needs shape ({WIDTH}, {EMBED}) there" in msg
+    assert f"embed_dim={EMBED} was read from 'visual.proj' of shape ({WIDTH}, {EMBED})" in msg
+    assert "either side may be the damaged one" in msg  # two tensors carry the size: a tie, said so
+    # a tensor that is outvoted is named alone: the patch kernel with a wrong width
+    src = _clip_file(hf_clip, tmp_path, **{"visual.conv1.weight": torch.zeros(WIDTH + 8, 3, 4, 4)})
+    with pytest.raises(cv.ConversionError, match=rf"^open_clip key 'visual\.conv1\.weight' has shape "
+                                                 rf"\({WIDTH + 8}, 3, 4, 4\), but .* needs shape \({WIDTH}, 3, 4, 4\)"):
+        cv.convert(src, "open_clip", vision_heads=HEADS, text_heads=HEADS)
+    # a tensor of the wrong rank where a size is read from it
+    src = _clip_file(hf_clip, tmp_path, **{"visual.conv1.weight": torch.zeros(WIDTH, 48)})
+    with pytest.raises(cv.ConversionError, match=r"'visual\.conv1\.weight' has shape \(32, 48\), but a 4-D tensor"):
+        cv.convert(src, "open_clip", vision_heads=HEADS, text_heads=HEADS)
+
+
+@pytest.mark.parametrize("fmt, key, shape", [
+    ("timm_vit", "blocks.1.mlp.fc1.weight", (MLP + 1, WIDTH)),  # the MLP size is read from every block
+    ("timm_vit", "norm.weight", (WIDTH - 1,)),
+    ("hf_vit", "vit.embeddings.cls_token", (1, 1, WIDTH + 2)),
+    ("hf_clip", "visual_projection.weight", (EMBED, WIDTH + 1)),
+])
+def test_one_damaged_tensor_is_the_one_named(fmt, key, shape, hf_vit, hf_clip, timm_sd):
+    sd = dict(timm_sd) if fmt == "timm_vit" else (hf_vit if fmt == "hf_vit" else hf_clip).state_dict()
+    sd = {**sd, key: torch.zeros(shape)}
+    convert = {"timm_vit": cv.from_timm_vit, "hf_vit": cv.from_hf_vit, "hf_clip": cv.from_hf_clip}[fmt]
+    heads = dict(num_heads=HEADS) if fmt != "hf_clip" else dict(vision_heads=HEADS, text_heads=HEADS)
+    with pytest.raises(cv.ConversionError) as e:
+        convert(sd, **heads)
+    assert str(e.value).startswith(f"{fmt} key {key!r} has shape {shape}, but "), str(e.value)

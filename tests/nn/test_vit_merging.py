@@ -1,5 +1,7 @@
 """ViT token-reduction hook (ToMe / PYRA): schedule, sizes, sources, block wiring, PYRA init equivalence."""
 
+import dataclasses
+
 import chex
 import flax.linen as nn
 import jax
@@ -104,10 +106,43 @@ def test_merge_config_validated(kwargs, match):
 
 
 def test_merge_config_is_hashable_and_checked_against_depth():
-    assert MergeConfig(r=[3, 2]).r == (3, 2)
-    assert len({MergeConfig(r=[3, 2]), MergeConfig(r=(3, 2)), MergeConfig()}) == 2
+    assert MergeConfig(r=[3, 2]).r == schedules.PerLayer([3, 2]) and list(MergeConfig(r=[3, 2]).r) == [3, 2]
+    assert len({MergeConfig(r=[3, 2]), MergeConfig(r=[3, 2]), MergeConfig(r=schedules.PerLayer([3, 2])), MergeConfig()}) == 2
     with pytest.raises(ValueError, match="list schedule has 3 entries"):
         ViT(**TINY, merge=MergeConfig(r=[1, 1, 1])).token_counts(16)
+
+
+def test_merge_config_takes_tome_tuples_with_tome_meaning():
+    """(r, inflect) is ToMe's schedule: (16, 0) merges 16 in every layer, (16, -1) decreases from
+    32 to 0; a per-layer list stays per-layer, also through dataclasses.replace."""
+    b16 = vit_config("B/16")
+    for r, expect in [((16, 0), [16] * 12), ((16, -1), schedules.parse_r((16, -1), 12)), ([16, 0], [16] + [0] * 11),
+                      (16, [16] * 12)]:
+        config = MergeConfig(r=r)
+        assert config.schedule(12) == expect, r
+        again = dataclasses.replace(config, mode="pyra")  # re-runs __post_init__ on the stored r
+        assert again.schedule(12) == expect and again == dataclasses.replace(config, mode="pyra")
+        model = ViT(num_classes=0, **b16, merge=config)
+        assert model.token_counts(224) == [197] + schedules.token_counts(expect, 197)
+    assert MergeConfig(r=(16, 0)) != MergeConfig(r=[16, 0])
+    assert len({MergeConfig(r=(16, 0)), MergeConfig(r=[16, 0]), MergeConfig(r=(16, 0.0))}) == 2
+    assert MergeConfig(r=(16, -1)).r == (16, -1)
+
+
+@pytest.mark.parametrize("r, match", [
+    ((3, 2), r"MergeConfig.r=\(3, 2\): a tuple is ToMe's \(r, inflect\) schedule; .*negative r values.*pass a list, e.g. r=\[3, 2\]"),
+    ((3, 2, 1), r"a tuple is ToMe's \(r, inflect\) schedule; .*\(r: int, inflect: float\).*r=\[3, 2, 1\]"),
+    ((16.0, 0), r"\(r: int, inflect: float\)"),
+    ([16, -1], "non-negative ints"),
+])
+def test_merge_config_rejects_bad_tuples_and_lists(r, match):
+    with pytest.raises(ValueError, match=match):
+        MergeConfig(r=r)
+
+
+def test_merge_config_tuple_needs_two_layers():
+    with pytest.raises(ValueError, match="at least 2 layers"):
+        MergeConfig(r=(2, 0)).schedule(1)
 
 
 def test_gradients_reach_lora_and_pyra(nn_helpers, x):

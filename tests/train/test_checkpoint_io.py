@@ -149,3 +149,24 @@ def test_write_is_atomic_and_leaves_no_temporary_file(tmp_path):
 def test_orbax_unsupported_scheme_is_a_checkpoint_error():
     with pytest.raises(CheckpointError, match="local directory.*gs://"):
         Checkpointer("s3://bucket/run", keep=1, best_metric="val/accuracy", best_mode="max")
+
+
+def test_json_files_are_strict_and_non_finite_floats_round_trip(tmp_path):
+    """results.json used to hold a bare NaN (not JSON for jq, browsers or other languages)."""
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in {text!r}"))
+
+    results = {"test/auc": float("nan"), "test/logloss": np.float64("inf"), "slices": [float("-inf"), 0.5],
+               "status": "completed"}
+    io.write_json(tmp_path / "results.json", results)
+    text = (tmp_path / "results.json").read_text()
+    assert strict(text) == {"test/auc": "nan", "test/logloss": "inf", "slices": ["-inf", 0.5], "status": "completed"}
+    back = io.read_json(tmp_path / "results.json")
+    assert np.isnan(back["test/auc"]) and back["test/logloss"] == float("inf") and back["slices"] == [float("-inf"), 0.5]
+
+    writer = MetricWriter(tmp_path, tensorboard=False)
+    writer.write(1, {"val/auc": float("nan"), "val/logloss": 0.25})
+    writer.close()
+    lines = [strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"step": 1, "val/auc": "nan", "val/logloss": 0.25}]
+    assert np.isnan(io.loads((tmp_path / "metrics.jsonl").read_text())["val/auc"])

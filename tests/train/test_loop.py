@@ -127,11 +127,38 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
                           "optimizer.name": "sgd", "optimizer.momentum": 0.0, "optimizer.learning_rate": 1.0,
                           "optimizer.warmup_steps": 0, "optimizer.schedule": "constant",
                           "optimizer.grad_clip_norm": 0.0, "optimizer.weight_decay": 0.0})
-    with pytest.raises(loop.NonFiniteLossError, match="at step 7.*last good checkpoint \\(step 6\\)"):
+    with pytest.raises(loop.NonFiniteLossError, match="at step 7.*Lower the learning rate.*last good checkpoint \\(step 6\\)") as info:
         loop.train_and_evaluate(cfg, str(tmp_path), _log_task())
+    assert "inputs" not in str(info.value)  # the batch was finite: the optimization is at fault
     assert saved_steps(str(tmp_path)) == [4, 6]
     w = read_state(str(tmp_path), 6)["params"]["w"]
     np.testing.assert_allclose(w, -1.2400, atol=1e-3)  # the hand-computed iterate above, still finite
+
+
+def test_non_finite_inputs_are_named_and_no_checkpoint_is_promised(tmp_path):
+    """A NaN in the training data stops step 1 with a message about the data (not the learning rate),
+    and says that no checkpoint exists instead of promising 'step None'."""
+    x = np.ones((64, 1), np.float32)
+    x[:, 0] = np.nan  # every row: whatever the shuffle, the first batch holds NaN
+    source = ArraySource({"x": x})
+    task = Task(
+        init=lambda rng: {"w": jnp.array(1.0)},
+        loss=lambda params, batch, rng: (jnp.mean(params["w"] * batch["x"]), {}),
+        predict=lambda params, batch: {"w": jnp.broadcast_to(params["w"], batch["x"].shape[:1])},
+        summarize=lambda out: {"accuracy": 0.0},
+        train_source=source,
+        eval_sources={"val": source},
+    )
+    cfg = smoke_config(**{"num_train_steps": 20, "checkpoint.every_steps": 5, "eval_every_steps": 100})
+    with pytest.raises(loop.NonFiniteLossError) as info:
+        loop.train_and_evaluate(cfg, str(tmp_path), task)
+    message = str(info.value)
+    assert "at step 1." in message and "batch of step 1 itself holds NaN or infinite inputs" in message
+    assert f"'x': {cfg.batch_size}" in message and "not the learning rate" in message
+    assert "No checkpoint was saved" in message and "None" not in message and "resumes from" not in message
+    assert saved_steps(str(tmp_path)) == [] and not os.path.exists(tmp_path / "results.json")
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():  # the input counts are not logged
+        assert not any(k.startswith(loop.NONFINITE_INPUTS) for k in json.loads(line))
 
 
 def test_eval_covers_every_example_once_with_padding():

@@ -5,7 +5,10 @@ Every converter reads a source state dict, infers the architecture from its shap
 name or explicit dims where shapes cannot tell, e.g. the head count), maps every tensor onto the
 model's parameter tree with NumPy and checks the result against that model's `init` shapes. A
 missing key, an unexpected key, a shape that does not fit the chosen model or an unreadable file
-raises `ConversionError` naming the key and both shapes. All floating tensors become float32
+raises `ConversionError` naming the key and both shapes. Each size (width, embedding, MLP, classes)
+is read from every tensor that carries it and the majority wins, so a single damaged tensor is the
+one named (with where the size was read); an empty or truncated file is reported as such before
+any reader runs. All floating tensors become float32
 (OpenAI's fp16 archives included). torch is imported only to read torch files (`pip install -e
 .[convert]`); .npz and .safetensors need none.
 

@@ -58,6 +58,12 @@ def _count(src: Source, pattern: str, what: str) -> int:
     return idx[-1] + 1
 
 
+def _mlp_dim(src: Source, what: str, fc1: Sequence[str], fc2: Sequence[str]) -> int:
+    """The MLP hidden size, voted over every block's fc1 weight / bias and fc2 weight (Linear names)."""
+    axes = [(f"{p}.weight", 0) for p in fc1] + [(f"{p}.bias", 0) for p in fc1] + [(f"{p}.weight", 1) for p in fc2]
+    return src.dim(what, axes)
+
+
 def _grid_image_size(num_tokens: int, patch: int, key: str, shape) -> int:
     """The image side of a position embedding with 1 class token + a square grid of `patch`-pixel patches."""
     side = math.isqrt(num_tokens - 1)
@@ -109,21 +115,29 @@ def _from_clip_layout(state_dict: Mapping, fmt: str, model: str | None, override
     src.expect_any(["visual.conv1.weight", "visual.layer1.0.conv1.weight"])
     if src.has("visual.layer1.0.conv1.weight"):
         raise ConversionError("this is a ResNet CLIP (visual.layer1...); only ViT CLIP models are supported.")
-    vw, _, patch, _ = src.shape("visual.conv1.weight")
-    pos_shape = src.shape("visual.positional_embedding")
+    patch = src.shape("visual.conv1.weight", "the patch size", ndim=4)[2]
+    pos_shape = src.shape("visual.positional_embedding", "the image size", ndim=2)
     linear_proj = not src.has("text_projection") and src.has("text_projection.weight")
     tp_key = "text_projection.weight" if linear_proj else "text_projection"
-    tp = src.shape(tp_key)
     vl = _count(src, r"visual\.transformer\.resblocks\.(\d+)\.", "visual blocks")
     tl = _count(src, r"transformer\.resblocks\.(\d+)\.", "text blocks")
+    vb, tb = "visual.transformer.resblocks.{}.mlp.", "transformer.resblocks.{}.mlp."
     cfg = dict(
-        embed_dim=tp[0] if linear_proj else tp[1],
+        embed_dim=src.dim("embed_dim", [("visual.proj", 1), (tp_key, 0 if linear_proj else 1)]),
         image_size=_grid_image_size(pos_shape[0], patch, "visual.positional_embedding", pos_shape),
-        patch_size=patch, vision_width=vw, vision_layers=vl, vision_heads=None,
-        vision_mlp_dim=src.shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0],
-        context_length=src.shape("positional_embedding")[0], vocab_size=src.shape("token_embedding.weight")[0],
-        text_width=src.shape("ln_final.weight")[0], text_layers=tl, text_heads=None,
-        text_mlp_dim=src.shape("transformer.resblocks.0.mlp.c_fc.weight")[0],
+        patch_size=patch, vision_layers=vl, vision_heads=None,
+        vision_width=src.dim("vision_width", [("visual.conv1.weight", 0), ("visual.class_embedding", 0),
+                                              ("visual.positional_embedding", 1), ("visual.ln_pre.weight", 0),
+                                              ("visual.ln_post.weight", 0), ("visual.proj", 0)]),
+        vision_mlp_dim=_mlp_dim(src, "vision_mlp_dim", [vb.format(i) + "c_fc" for i in range(vl)],
+                                [vb.format(i) + "c_proj" for i in range(vl)]),
+        context_length=src.dim("context_length", [("positional_embedding", 0), ("attn_mask", 0)]),
+        vocab_size=src.dim("vocab_size", [("token_embedding.weight", 0)]),
+        text_width=src.dim("text_width", [("ln_final.weight", 0), ("token_embedding.weight", 1),
+                                          ("positional_embedding", 1), (tp_key, 1 if linear_proj else 0)]),
+        text_layers=tl, text_heads=None,
+        text_mlp_dim=_mlp_dim(src, "text_mlp_dim", [tb.format(i) + "c_fc" for i in range(tl)],
+                              [tb.format(i) + "c_proj" for i in range(tl)]),
         ln_eps=1e-5, activation="quick_gelu" if fmt == "openai_clip" else "gelu", eot_token_id=None,
     )
     notes = []
@@ -181,12 +195,16 @@ def from_timm_vit(state_dict: Mapping, model: str | None = None, **overrides) ->
     overrides = check_overrides(overrides, VIT_KEYS)
     src = Source(state_dict, "timm_vit")
     src.expect_any(["patch_embed.proj.weight", "cls_token"])
-    width, _, patch, _ = src.shape("patch_embed.proj.weight")
-    pos = src.shape("pos_embed")
+    patch = src.shape("patch_embed.proj.weight", "the patch size", ndim=4)[2]
+    pos = src.shape("pos_embed", "the image size", ndim=3)
     depth = _count(src, r"blocks\.(\d+)\.", "blocks")
     cfg = dict(
-        num_classes=src.shape("head.weight")[0] if src.has("head.weight") else 0, patch_size=patch, width=width,
-        depth=depth, num_heads=None, mlp_dim=src.shape("blocks.0.mlp.fc1.weight")[0], ln_eps=1e-6,
+        num_classes=src.dim("num_classes", [("head.weight", 0), ("head.bias", 0)]) if src.has("head.weight") else 0,
+        patch_size=patch, depth=depth, num_heads=None, ln_eps=1e-6,
+        width=src.dim("width", [("patch_embed.proj.weight", 0), ("patch_embed.proj.bias", 0), ("cls_token", 2),
+                                ("pos_embed", 2), ("norm.weight", 0), ("norm.bias", 0), ("head.weight", 1)]),
+        mlp_dim=_mlp_dim(src, "mlp_dim", [f"blocks.{i}.mlp.fc1" for i in range(depth)],
+                         [f"blocks.{i}.mlp.fc2" for i in range(depth)]),
         image_size=_grid_image_size(pos[1], patch, "pos_embed", pos), activation="gelu",
         qkv_bias=src.has("blocks.0.attn.qkv.bias"),
     )
@@ -222,18 +240,26 @@ def from_google_vit(arrays: Mapping, model: str | None = None, **overrides) -> C
     overrides = check_overrides(overrides, VIT_KEYS)
     src = Source(arrays, "google_vit_npz")
     src.expect_any(["embedding/kernel", "Transformer/posembed_input/pos_embedding"])
-    patch, _, _, width = src.shape("embedding/kernel")
+    patch = src.shape("embedding/kernel", "the patch size", ndim=4)[0]
     pos_key = "Transformer/posembed_input/pos_embedding"
-    pos = src.shape(pos_key)
+    pos = src.shape(pos_key, "the image size", ndim=3)
     blk = "Transformer/encoderblock_{}/"
     att = blk + "MultiHeadDotProductAttention_1/"
     depth = _count(src, r"Transformer/encoderblock_(\d+)/", "encoder blocks")
     q = src.shape(att.format(0) + "query/kernel")
+    qkv = [att.format(i) + n for i in range(depth) for n in ("query", "key", "value")]
+    heads = [(k + "/kernel", 1) for k in qkv if src.has(k + "/kernel") and src.arrays[k + "/kernel"].ndim == 3]
+    mlp = blk + "MlpBlock_3/Dense_{}/"
     cfg = dict(
-        num_classes=src.shape("head/kernel")[1] if src.has("head/kernel") else 0, patch_size=patch, width=width,
-        depth=depth, num_heads=q[1] if len(q) == 3 else None,
-        mlp_dim=src.shape(blk.format(0) + "MlpBlock_3/Dense_0/kernel")[1], ln_eps=1e-6,
-        image_size=_grid_image_size(pos[1], patch, pos_key, pos), activation="gelu", qkv_bias=True,
+        num_classes=src.dim("num_classes", [("head/kernel", 1), ("head/bias", 0)]) if src.has("head/kernel") else 0,
+        patch_size=patch, depth=depth,
+        width=src.dim("width", [("embedding/kernel", 3), ("embedding/bias", 0), ("cls", 2), (pos_key, 2),
+                                ("Transformer/encoder_norm/scale", 0), ("Transformer/encoder_norm/bias", 0)]),
+        num_heads=src.dim("num_heads", heads + [(k + "/bias", 0) for k in qkv]) if len(q) == 3 else None,
+        mlp_dim=src.dim("mlp_dim", [(mlp.format(i, 0) + "kernel", 1) for i in range(depth)]
+                        + [(mlp.format(i, 0) + "bias", 0) for i in range(depth)]
+                        + [(mlp.format(i, 1) + "kernel", 0) for i in range(depth)]),
+        ln_eps=1e-6, image_size=_grid_image_size(pos[1], patch, pos_key, pos), activation="gelu", qkv_bias=True,
     )
     notes = []
     cfg = finish_vit_config(cfg, model, overrides, "google_vit_npz", notes)
@@ -273,17 +299,22 @@ def from_hf_vit(state_dict: Mapping, model: str | None = None, hf_config=None, *
     src.expect_any([f"{p}embeddings.cls_token"])
     new = src.has(f"{p}layers.0.attention.q_proj.weight")
     patch_key = f"{p}embeddings.patch_embeddings.projection.weight"
-    width, _, patch, _ = src.shape(patch_key)
+    patch = src.shape(patch_key, "the patch size", ndim=4)[2]
     pos_key = f"{p}embeddings.position_embeddings"
-    pos = src.shape(pos_key)
+    pos = src.shape(pos_key, "the image size", ndim=3)
     layer = f"{p}layers.{{}}" if new else f"{p}encoder.layer.{{}}"
     depth = _count(src, re.escape(layer.split("{")[0]) + r"(\d+)\.", "encoder layers")
     fc1 = (layer + ".mlp.fc1") if new else (layer + ".intermediate.dense")
     fc2 = (layer + ".mlp.fc2") if new else (layer + ".output.dense")
     q_name = (layer + ".attention.q_proj") if new else (layer + ".attention.attention.query")
+    classes = [("classifier.weight", 0), ("classifier.bias", 0)]
     cfg = dict(
-        num_classes=src.shape("classifier.weight")[0] if src.has("classifier.weight") else 0, patch_size=patch,
-        width=width, depth=depth, num_heads=None, mlp_dim=src.shape(fc1.format(0) + ".weight")[0], ln_eps=1e-12,
+        num_classes=src.dim("num_classes", classes) if src.has("classifier.weight") else 0, patch_size=patch,
+        width=src.dim("width", [(patch_key, 0), (f"{p}embeddings.patch_embeddings.projection.bias", 0),
+                                (f"{p}embeddings.cls_token", 2), (pos_key, 2), (f"{p}layernorm.weight", 0),
+                                (f"{p}layernorm.bias", 0), ("classifier.weight", 1)]),
+        depth=depth, num_heads=None, ln_eps=1e-12,
+        mlp_dim=_mlp_dim(src, "mlp_dim", [fc1.format(i) for i in range(depth)], [fc2.format(i) for i in range(depth)]),
         image_size=_grid_image_size(pos[1], patch, pos_key, pos), activation="gelu",
         qkv_bias=src.has(q_name.format(0) + ".bias"),
     )
@@ -325,19 +356,31 @@ def from_hf_clip(state_dict: Mapping, model: str | None = None, hf_config=None, 
     src = Source(state_dict, "hf_clip")
     src.expect_any(["vision_model.embeddings.patch_embedding.weight"])
     v, t = "vision_model", "text_model"
-    vw, _, patch, _ = src.shape(f"{v}.embeddings.patch_embedding.weight")
-    pos = src.shape(f"{v}.embeddings.position_embedding.weight")
+    patch = src.shape(f"{v}.embeddings.patch_embedding.weight", "the patch size", ndim=4)[2]
+    pos = src.shape(f"{v}.embeddings.position_embedding.weight", "the image size", ndim=2)
     vl = _count(src, rf"{v}\.encoder\.layers\.(\d+)\.", "vision layers")
     tl = _count(src, rf"{t}\.encoder\.layers\.(\d+)\.", "text layers")
+    vb, tb = f"{v}.encoder.layers.{{}}.mlp.", f"{t}.encoder.layers.{{}}.mlp."
     cfg = dict(
-        embed_dim=src.shape("visual_projection.weight")[0],
+        embed_dim=src.dim("embed_dim", [("visual_projection.weight", 0), ("text_projection.weight", 0)]),
         image_size=_grid_image_size(pos[0], patch, f"{v}.embeddings.position_embedding.weight", pos),
-        patch_size=patch, vision_width=vw, vision_layers=vl, vision_heads=None,
-        vision_mlp_dim=src.shape(f"{v}.encoder.layers.0.mlp.fc1.weight")[0],
-        context_length=src.shape(f"{t}.embeddings.position_embedding.weight")[0],
-        vocab_size=src.shape(f"{t}.embeddings.token_embedding.weight")[0],
-        text_width=src.shape(f"{t}.final_layer_norm.weight")[0], text_layers=tl, text_heads=None,
-        text_mlp_dim=src.shape(f"{t}.encoder.layers.0.mlp.fc1.weight")[0],
+        patch_size=patch, vision_layers=vl, vision_heads=None,
+        vision_width=src.dim("vision_width", [(f"{v}.embeddings.patch_embedding.weight", 0),
+                                              (f"{v}.embeddings.class_embedding", 0),
+                                              (f"{v}.embeddings.position_embedding.weight", 1),
+                                              (f"{v}.pre_layrnorm.weight", 0), (f"{v}.post_layernorm.weight", 0),
+                                              ("visual_projection.weight", 1)]),
+        vision_mlp_dim=_mlp_dim(src, "vision_mlp_dim", [vb.format(i) + "fc1" for i in range(vl)],
+                                [vb.format(i) + "fc2" for i in range(vl)]),
+        context_length=src.dim("context_length", [(f"{t}.embeddings.position_embedding.weight", 0)]),
+        vocab_size=src.dim("vocab_size", [(f"{t}.embeddings.token_embedding.weight", 0)]),
+        text_width=src.dim("text_width", [(f"{t}.final_layer_norm.weight", 0),
+                                          (f"{t}.embeddings.token_embedding.weight", 1),
+                                          (f"{t}.embeddings.position_embedding.weight", 1),
+                                          ("text_projection.weight", 1)]),
+        text_layers=tl, text_heads=None,
+        text_mlp_dim=_mlp_dim(src, "text_mlp_dim", [tb.format(i) + "fc1" for i in range(tl)],
+                              [tb.format(i) + "fc2" for i in range(tl)]),
         ln_eps=1e-5, activation="quick_gelu", eot_token_id=None,
     )
     hc = hf_config_dict(hf_config)

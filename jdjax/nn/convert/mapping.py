@@ -7,6 +7,7 @@ NumPy only at import; jax and the models are imported when a model's shapes are 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -103,6 +104,8 @@ class Source:
         self.fmt = fmt
         self.arrays = {str(k): to_numpy(v) for k, v in state_dict.items()}
         self.used: set[str] = set()
+        # size name -> (value, the first key that says so, its shape, the keys that disagree, a tie?)
+        self.inferred: dict[str, tuple[int, str, tuple, set, bool]] = {}
 
     def has(self, key: str) -> bool:
         return key in self.arrays
@@ -116,8 +119,43 @@ class Source:
             )
         return self.arrays[key]
 
-    def shape(self, key: str, needed_for: str = "the architecture") -> tuple:
-        return tuple(self.get(key, needed_for).shape)
+    def shape(self, key: str, needed_for: str = "the architecture", ndim: int | None = None) -> tuple:
+        shape = tuple(self.get(key, needed_for).shape)
+        if ndim is not None and len(shape) != ndim:
+            raise ConversionError(
+                f"{self.fmt} key {key!r} has shape {shape}, but a {ndim}-D tensor is needed there ({needed_for}); "
+                "the file is damaged or holds another architecture."
+            )
+        return shape
+
+    def dim(self, what: str, axes: Sequence[tuple[str, int]]) -> int:
+        """A size that several tensors carry, given as (key, axis): the most common value over the
+        present ones (ties: the first listed). One damaged tensor is outvoted, so `assemble` names it
+        as the one that disagrees, with where the size was read (`inferred`)."""
+        votes = [(k, int(self.arrays[k].shape[ax])) for k, ax in axes
+                 if k in self.arrays and -self.arrays[k].ndim <= ax < self.arrays[k].ndim]
+        if not votes:
+            key, axis = axes[0]
+            shape = self.shape(key, what)  # names the missing key
+            raise ConversionError(f"{self.fmt} key {key!r} has shape {shape}, which has no axis {axis} (the {what}); "
+                                  "the file is damaged or holds another architecture.")
+        counts = collections.Counter(v for _, v in votes)
+        top = max(counts.values())
+        key, value = next((k, v) for k, v in votes if counts[v] == top)
+        dissent = {k for k, v in votes if v != value}
+        tie = sum(c == top for c in counts.values()) > 1
+        self.inferred[what] = (value, key, tuple(self.arrays[key].shape), dissent, tie)
+        return value
+
+    def provenance(self, key: str) -> str:
+        """Where the sizes `key` disagrees on were read, for its wrong-shape message ('' if none)."""
+        parts = []
+        for what, (value, src_key, shape, dissent, tie) in self.inferred.items():
+            if key in dissent:
+                parts.append(f"{what}={value} was read from {src_key!r} of shape {shape}"
+                             + (", but as many tensors say otherwise, so either side may be the damaged one"
+                                if tie else ", as most tensors that carry it say"))
+        return "; ".join(parts)
 
     def indices(self, pattern: str) -> list[int]:
         """Sorted distinct integers captured by `pattern` (one group) over the keys."""
@@ -194,9 +232,11 @@ def assemble(src: Source, model: str, config: dict, mapping: Sequence[tuple], dr
         for key in keys:
             a = src.get(key, f"jdjax parameter {path!r}")
             if tuple(a.shape) != tuple(want):
+                origin = src.provenance(key)
                 raise ConversionError(
                     f"{src.fmt} key {key!r} has shape {tuple(a.shape)}, but {desc} needs shape {tuple(want)} there "
-                    f"(jdjax parameter {path!r} of shape {j}). Check --model / --num_heads / the dims, or the file."
+                    f"(jdjax parameter {path!r} of shape {j}{'; ' + origin if origin else ''}). "
+                    "Check --model / --num_heads / the dims, or the file (damaged, or another model)."
                 )
             src.used.add(key)
             arrays.append(a.astype(np.float32) if a.dtype != np.float32 else a)

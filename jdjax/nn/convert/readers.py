@@ -2,13 +2,16 @@
 .safetensors and Hugging Face save_pretrained directories.
 
 torch is imported only to read torch files (the `convert` extra); .npz and .safetensors need none.
-Every failure raises `ConversionError` naming the file and the fix.
+Every failure raises `ConversionError` naming the file and the fix. An empty file, a zip archive
+(torch.save, TorchScript, .npz) without its end record and a .safetensors file shorter than its
+header says are reported as truncated before any reader runs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -71,6 +74,51 @@ def _unwrap_state_dict(obj, src: str) -> dict:
     return dict(tensors)
 
 
+def _reason(e: BaseException) -> str:
+    """'Type: first line of the message' (torch raises EOFError and others with an empty message)."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
+
+
+_REFETCH = "the download or copy did not finish; fetch the file again"
+
+
+def _truncated(path: str, detail: str) -> ConversionError:
+    return ConversionError(f"{path} is truncated ({detail}): {_REFETCH}.")
+
+
+def check_complete(path: str) -> None:
+    """Raises ConversionError when `path` is visibly cut short: empty, a zip archive (torch.save,
+    TorchScript, .npz) whose central directory at the end is missing, or a .safetensors file shorter
+    than its header says. Other damage is left to the readers."""
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            raise ConversionError(f"{path} is empty (0 bytes): {_REFETCH}.")
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+                raise _truncated(path, f"a zip archive (torch.save, TorchScript or .npz) of {size:,} bytes without "
+                                 "the end record every complete one has")
+            if not path.endswith(".safetensors"):
+                return
+            if len(head) < 8:
+                raise _truncated(path, f"{size} bytes, fewer than the 8 of the .safetensors header length")
+            (n,) = struct.unpack("<Q", head)
+            header = f.read(min(n, 100_000_000))
+    except OSError as e:
+        raise ConversionError(f"cannot read {path}: {_reason(e)}.") from e
+    if len(header) < n:
+        raise _truncated(path, f"{size:,} bytes, but its .safetensors header alone needs {8 + n:,}")
+    try:
+        meta = json.loads(header)
+        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return  # not a readable header: safetensors' own error says so
+    if size < 8 + n + end:
+        raise _truncated(path, f"{size:,} of the {8 + n + end:,} bytes its .safetensors header describes")
+
+
 def _is_torchscript(path: str) -> bool:
     """Whether `path` is a TorchScript archive (a zip with constants.pkl or code/), not a torch.save file."""
     if not zipfile.is_zipfile(path):
@@ -83,24 +131,27 @@ def _is_torchscript(path: str) -> bool:
 def read_torch(path: str, allow_pickle: bool = False) -> dict:
     """A TorchScript archive or a torch.save'd (state) dict -> {name: tensor}."""
     torch = _import_torch(f"the PyTorch file {path}")
+    check_complete(path)
     if _is_torchscript(path):
         try:
             with warnings.catch_warnings():  # torch.jit.load is deprecated, but OpenAI's archives need it
                 warnings.simplefilter("ignore", DeprecationWarning)
                 return dict(torch.jit.load(path, map_location="cpu").state_dict())
         except Exception as e:
-            raise ConversionError(f"could not load the TorchScript archive {path}: {type(e).__name__}: {e}") from e
+            raise ConversionError(f"could not load the TorchScript archive {path} ({_reason(e)}).") from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as e:
         hint = ""
-        if zipfile.is_zipfile(path) and any(n.endswith(".npy") for n in zipfile.ZipFile(path).namelist()):
+        if isinstance(e, EOFError) or "EOF" in str(e):
+            hint = f" The file ends early: {_REFETCH}."
+        elif zipfile.is_zipfile(path) and any(n.endswith(".npy") for n in zipfile.ZipFile(path).namelist()):
             hint = " It is a NumPy .npz archive: use --format=google_vit_npz."
         elif "weights_only" in str(e) or "Unsupported global" in str(e):
             hint = (" The file pickles Python objects besides tensors; if you trust it, pass --allow_pickle "
                     "(allow_pickle=True), or re-save just the state dict.")
         raise ConversionError(
-            f"could not read {path} as a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:300]}).{hint}"
+            f"could not read {path} as a PyTorch checkpoint ({_reason(e)}).{hint}"
         ) from e
     return _unwrap_state_dict(obj, path)
 
@@ -109,6 +160,7 @@ def read_npz(path: str) -> dict:
     """A NumPy .npz archive (e.g. a Google ViT checkpoint) -> {name: array}."""
     hint = ("google_vit_npz expects the ViT .npz files of google-research/vision_transformer "
             "(e.g. imagenet21k_ViT-B_16.npz).")
+    check_complete(path)
     if not zipfile.is_zipfile(path):
         raise ConversionError(f"{path} is not a NumPy .npz archive (not a zip file); {hint}")
     with zipfile.ZipFile(path) as z:
@@ -127,8 +179,8 @@ def read_npz(path: str) -> dict:
             return {k: z[k] for k in z.files}
     except Exception as e:
         raise ConversionError(
-            f"could not read {path} as a NumPy .npz archive ({type(e).__name__}: {e}); google_vit_npz expects the "
-            "ViT .npz files of google-research/vision_transformer (e.g. imagenet21k_ViT-B_16.npz)."
+            f"could not read {path} as a NumPy .npz archive ({_reason(e)}); the file is damaged (fetch it again) "
+            "or not a NumPy .npz archive."
         ) from e
 
 
@@ -138,10 +190,12 @@ def read_safetensors(path: str) -> dict:
         from safetensors.numpy import load_file
     except ImportError as e:  # pragma: no cover
         raise ConversionError(f"reading {path} needs the safetensors package: {INSTALL_HINT}") from e
+    check_complete(path)
     try:
         return load_file(path)
     except Exception as e:
-        raise ConversionError(f"could not read {path} as a .safetensors file ({type(e).__name__}: {e}).") from e
+        raise ConversionError(f"could not read {path} as a .safetensors file ({_reason(e)}); the file is damaged "
+                              "or not a .safetensors file: fetch it again.") from e
 
 
 def read_hf(path: str, allow_pickle: bool = False) -> tuple[dict, dict | None]:
@@ -152,14 +206,20 @@ def read_hf(path: str, allow_pickle: bool = False) -> tuple[dict, dict | None]:
     config = None
     cfg_path = os.path.join(path, "config.json")
     if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            config = json.load(f)
+        config = _read_json(cfg_path)
     for index_name, reader in (("model.safetensors.index.json", read_safetensors),
                                ("pytorch_model.bin.index.json", lambda p: read_torch(p, allow_pickle))):
         index = os.path.join(path, index_name)
         if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, Mapping) or not weight_map:
+                raise ConversionError(f"{index} has no 'weight_map' of tensor names to shard files; the "
+                                      "save_pretrained directory is incomplete: save or fetch it again.")
+            files = sorted(set(weight_map.values()))
+            for name in files:
+                if not os.path.isfile(os.path.join(path, name)):
+                    raise ConversionError(f"{index} lists the shard {name!r}, which is not in {path}; the "
+                                          "save_pretrained directory is incomplete: save or fetch it again.")
             sd = {}
             for name in files:
                 sd.update(reader(os.path.join(path, name)))
@@ -171,6 +231,21 @@ def read_hf(path: str, allow_pickle: bool = False) -> tuple[dict, dict | None]:
         f"{path} is a directory without model.safetensors or pytorch_model.bin; pass a save_pretrained "
         "directory or a weights file."
     )
+
+
+def _read_json(path: str) -> dict:
+    """A JSON object file of a save_pretrained directory; a damaged one names the file, line and fix."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); is the file truncated? Save or fetch "
+                              "the directory again.") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConversionError(f"cannot read {path} ({_reason(e)}).") from e
+    if not isinstance(obj, dict):
+        raise ConversionError(f"{path} holds a JSON {type(obj).__name__}, not an object; save or fetch it again.")
+    return obj
 
 
 def read_state_dict(path: str, allow_pickle: bool = False) -> dict:
