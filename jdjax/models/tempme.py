@@ -99,11 +99,6 @@ class TempMeVisionTower(CLIPVisionTower):
 
     temporal: TemporalConfig = TemporalConfig()
 
-    def plan(self, image_size=None) -> tuple[LayerPlan, ...]:
-        """The static per-layer plan at `image_size` (default: the tower's)."""
-        n0 = self.token_counts(image_size)[0]
-        return tempme.plan_layers(self.temporal, n0, self.depth)
-
     @nn.compact
     def __call__(self, videos, video_mask=None, train: bool = False, return_info: bool = False):
         """videos [B, T, H, W, 3], video_mask [B, T] (1 = real frame) or None -> video features
@@ -144,6 +139,7 @@ class TempMeCLIP(CLIP):
         return TempMeVisionTower(temporal=self.temporal, **kwargs)
 
     def plan(self, image_size=None) -> tuple[LayerPlan, ...]:
+        """The video tower's static per-layer plan at `image_size` (default: the model's)."""
         return tempme.plan_layers(self.temporal, self.token_counts(image_size)[0], self.vision_layers)
 
     def encode_video(self, videos, video_mask=None, train: bool = False, return_info: bool = False):
