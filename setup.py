@@ -2,10 +2,14 @@
 
 from setuptools import find_packages, setup
 
-# One torch constraint for every extra: the CPU build this project is tested with (a range that
-# admits a newer release makes pip fetch a multi-GB CUDA build). Conversion works with torch >= 2.3
-# if another build is already installed.
-TORCH = "torch==2.13.0"
+# One torch constraint for every extra, exact so that pip never resolves a newer multi-GB build. The
+# parity tests need open_clip (CLIP's ResNet towers), which imports torchvision; PyPI's torchvision
+# does not import beside torch 2.13.0 ("operator torchvision::nms does not exist"), so torch and
+# torchvision are pinned as a pair that imports together with open_clip and transformers' models.
+# Conversion works with torch >= 2.3 if another build is already installed.
+TORCH = "torch==2.14.1"
+TORCHVISION = "torchvision==0.29.1"
+OPEN_CLIP = "open_clip_torch==3.3.0"
 TRANSFORMERS = "transformers>=4.44"
 
 setup(
@@ -45,10 +49,11 @@ setup(
             "portpicker>=1.6",  # free ports for the multi-process tests
             "fsspec>=2023.1",  # an in-memory gs:// filesystem for the workdir I/O tests
             "tensorflow-datasets>=4.9.7",
-            # OpenAI's bpe_simple_vocab_16e6.txt.gz and reference tokenizer (needs only ftfy, regex);
-            # not open_clip_torch, which pulls a torchvision that breaks transformers' ViT imports.
+            # OpenAI's bpe_simple_vocab_16e6.txt.gz and reference tokenizer (needs only ftfy, regex).
             "openai-clip==1.0.1",
+            OPEN_CLIP,  # the reference ModifiedResNet / CLIP of the RN50 parity tests
             TORCH,
+            TORCHVISION,
             TRANSFORMERS,
         ],
         "tfds": ["tensorflow-datasets>=4.9.7"],

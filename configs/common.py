@@ -28,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 250
     c.trainable = ""  # regex of trainable parameter paths; '' trains everything
     c.init_from = ""
+    # Exponential moving average of the weights (parameters and model state), per-step decay; 0.0 = off.
+    # Validation scores the raw and the averaged weights at every eval and keeps the better.
+    c.ema_decay = 0.0
 
     c.optimizer = ml_collections.ConfigDict(
         dict(
@@ -36,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
             warmup_steps=100,
             warmup_init=0.0,
             schedule="cosine",
+            schedule_steps=0,  # length of the schedule; 0 = num_train_steps (may exceed it: training stops early)
             min_lr_ratio=0.0,
             b1=0.9,
             b2=0.999,

@@ -1,7 +1,10 @@
 """CLIP (OpenAI layout): image and text towers built from the ViT encoder block, and the joint model.
 
 Both towers use `jdjax.nn.vit.EncoderBlock` with QuickGELU and LayerNorm eps 1e-5; the image
-tower has the same token-reduction hook as the ViT (ToMe / PYRA, `merge: MergeConfig`).
+tower has the same token-reduction hook as the ViT (ToMe / PYRA, `merge: MergeConfig`). With
+`vision_layers` as 4 stage depths (clip_config('RN50'), ...) the image tower is CLIP's ResNet
+instead: `visual/` then holds the tree of `jdjax.nn.clip_resnet.ModifiedResNet`, and its BatchNorm
+statistics are the 'batch_stats' collection.
 
 Parameter tree of `CLIP` (C = vision width, D = text width, E = embed_dim, P patch,
 N = 1 + (S/P)^2, T = context_length, V = vocab_size, M = 4C / 4D):
@@ -30,6 +33,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jdjax.nn.attention import logical
+from jdjax.nn.clip_resnet import ModifiedResNet
 from jdjax.nn.lora import LoRAConfig
 from jdjax.nn.vit import (
     ImageEncoder,
@@ -48,18 +52,24 @@ Dtype = Any
 
 # name: (embed_dim, image_size, patch, vision width, vision layers, vision heads,
 #        context_length, vocab_size, text width, text layers, text heads)
+# ResNets (OpenAI's build_model): no patch, 4 stage depths, width = the stem width W, heads = 32 W / 64.
 CLIP_SIZES = {
     "ViT-B/32": (512, 224, 32, 768, 12, 12, 77, 49408, 512, 12, 8),
     "ViT-B/16": (512, 224, 16, 768, 12, 12, 77, 49408, 512, 12, 8),
     "ViT-L/14": (768, 224, 14, 1024, 24, 16, 77, 49408, 768, 12, 12),
     "ViT-L/14@336px": (768, 336, 14, 1024, 24, 16, 77, 49408, 768, 12, 12),
+    "RN50": (1024, 224, None, 64, (3, 4, 6, 3), 32, 77, 49408, 512, 12, 8),
+    "RN101": (512, 224, None, 64, (3, 4, 23, 3), 32, 77, 49408, 512, 12, 8),
+    "RN50x4": (640, 288, None, 80, (4, 6, 10, 6), 40, 77, 49408, 640, 12, 10),
+    "RN50x16": (768, 384, None, 96, (6, 8, 18, 8), 48, 77, 49408, 768, 12, 12),
+    "RN50x64": (1024, 448, None, 128, (3, 15, 36, 10), 64, 77, 49408, 1024, 12, 16),
 }
 
 
 def clip_config(name: str) -> dict:
-    """'ViT-B/32' (or 'B/32') -> the CLIP keyword arguments of that OpenAI model."""
+    """'ViT-B/32' (or 'B/32'), 'RN50', 'RN101', 'RN50x4', ... -> the CLIP keyword arguments of that OpenAI model."""
     key = name.strip()
-    if not key.startswith("ViT-"):
+    if not key.startswith(("ViT-", "RN")):
         key = "ViT-" + key
     if key not in CLIP_SIZES:
         raise ValueError(f"unknown CLIP model {name!r}; known: {sorted(CLIP_SIZES)}.")
@@ -165,8 +175,12 @@ class CLIPTextTower(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, ids, mask=None, train: bool = False, return_info: bool = False):
+    def __call__(self, ids, mask=None, train: bool = False, return_info: bool = False, embeddings=None):
         """ids [B, T] int token ids (T <= context_length); mask [B, T] (1/True = real token) or None.
+
+        embeddings [B, T, D] (optional) replace the token-embedding lookup (prompt learning, e.g.
+        CoOp's learned context vectors in place of some tokens); `ids` still set the EOT pooling
+        position, and the token table is still created at init.
 
         Attention is causal; with `mask`, padded keys are masked too (Hugging Face). Returns the
         projected EOT feature [B, E] (float32), or (features, info) with info['tokens'] [B, T, D]
@@ -180,6 +194,10 @@ class CLIPTextTower(nn.Module):
             self.vocab_size, d, dtype=self.dtype, param_dtype=self.param_dtype,
             embedding_init=logical(_normal(0.02), ("vocab", "embed")), name="token_embedding",
         )(ids)  # [B, T, D]
+        if embeddings is not None:
+            if embeddings.shape != x.shape:
+                raise ValueError(f"embeddings have shape {embeddings.shape}; the ids {ids.shape} need {x.shape}.")
+            x = embeddings.astype(x.dtype)
         pos = self.param("positional_embedding", logical(_normal(0.01), ("pos", "embed")),
                          (self.context_length, d), self.param_dtype)
         x = x + pos[:t].astype(x.dtype)[None]
@@ -207,13 +225,35 @@ def l2_normalize(x, eps: float = 1e-12):
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
+def resnet_tower(*, embed_dim: int, image_size, width: int, depth, num_heads: int, pos_interpolation=None,
+                 remat: bool = False, dtype=jnp.float32, param_dtype=jnp.float32, merge: MergeConfig = MergeConfig(),
+                 lora: LoRAConfig = LoRAConfig(), attention_dropout: float = 0.0, drop_path: float = 0.0,
+                 scan: bool = False, patch_size=None, mlp_dim=None, ln_eps=None, activation=None) -> ModifiedResNet:
+    """CLIP's image-tower keyword arguments -> ModifiedResNet(layers=depth, width, heads=num_heads,
+    output_dim=embed_dim, ...). patch_size, mlp_dim, ln_eps and activation have no meaning in a ResNet
+    and are ignored; the ViT-only options (merge, lora, attention_dropout, drop_path, scan) must be off."""
+    used = {name: value for name, value, off in (("merge", merge, MergeConfig()), ("lora", lora, LoRAConfig()),
+                                                 ("attention_dropout", attention_dropout, 0.0),
+                                                 ("drop_path", drop_path, 0.0), ("scan", scan, False))
+            if value != off}
+    if used:
+        raise ValueError(f"the ResNet image tower (vision_layers={tuple(depth)}) has no transformer blocks, so "
+                         f"{sorted(used)} cannot apply; leave them at their defaults.")
+    return ModifiedResNet(layers=tuple(depth), output_dim=embed_dim, heads=num_heads, image_size=image_size,
+                          width=width, pos_interpolation=pos_interpolation, remat=remat, dtype=dtype,
+                          param_dtype=param_dtype)
+
+
 class CLIP(nn.Module):
     """Image and text towers and the learned temperature.
 
     Attributes:
       embed_dim: E, the joint embedding width.
       image_size, patch_size, vision_width, vision_layers, vision_heads, vision_mlp_dim: image tower
-        (mlp_dim None = 4 x width).
+        (mlp_dim None = 4 x width). vision_layers as 4 stage depths, e.g. (3, 4, 6, 3), makes it CLIP's
+        ResNet (jdjax.nn.clip_resnet.ModifiedResNet, as OpenAI's build_model): vision_width is the stem
+        width W, vision_heads the attention-pool heads (32 W / 64), patch_size is unused (None);
+        BatchNorm statistics live in 'batch_stats' (mutable with train=True).
       context_length, vocab_size, text_width, text_layers, text_heads, text_mlp_dim: text tower.
       ln_eps, activation: 1e-5 and 'quick_gelu' for OpenAI CLIP (HF: layer_norm_eps, hidden_act).
       eot_token_id: text pooling position; None = argmax(ids) (see CLIPTextTower).
@@ -225,9 +265,9 @@ class CLIP(nn.Module):
 
     embed_dim: int = 512
     image_size: int | tuple[int, int] | None = 224
-    patch_size: int = 32
+    patch_size: int | None = 32
     vision_width: int = 768
-    vision_layers: int = 12
+    vision_layers: int | tuple[int, int, int, int] = 12
     vision_heads: int = 12
     vision_mlp_dim: int | None = None
     context_length: int = 77
@@ -251,35 +291,48 @@ class CLIP(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
-        common = dict(embed_dim=self.embed_dim, ln_eps=self.ln_eps, activation=self.activation,
-                      attention_dropout=self.attention_dropout, drop_path=self.drop_path, remat=self.remat,
-                      scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.visual = self.vision_tower(
-            image_size=self.image_size, patch_size=self.patch_size, width=self.vision_width, depth=self.vision_layers,
-            num_heads=self.vision_heads, mlp_dim=self.vision_mlp_dim, pos_interpolation=self.pos_interpolation,
-            merge=self.merge, lora=self.lora, **common,
-        )
-        self.text = CLIPTextTower(
-            context_length=self.context_length, vocab_size=self.vocab_size, width=self.text_width,
-            depth=self.text_layers, num_heads=self.text_heads, mlp_dim=self.text_mlp_dim,
-            eot_token_id=self.eot_token_id, lora=self.lora if self.text_lora else LoRAConfig(), **common,
-        )
+        self.visual, self.text = self.towers()
         self.logit_scale = self.param(
             "logit_scale", logical(nn.initializers.constant(math.log(1 / 0.07)), ()), (), self.param_dtype
         )
 
     @nn.nowrap
+    def towers(self) -> tuple[nn.Module, CLIPTextTower]:
+        """(image tower, text tower) as this CLIP builds them, unbound: a model that reuses CLIP's towers
+        (e.g. SCPNet) holds them as fields named 'visual' and 'text', so CLIP checkpoints load into it."""
+        common = dict(embed_dim=self.embed_dim, ln_eps=self.ln_eps, activation=self.activation,
+                      attention_dropout=self.attention_dropout, drop_path=self.drop_path, remat=self.remat,
+                      scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype)
+        visual = self.vision_tower(
+            image_size=self.image_size, patch_size=self.patch_size, width=self.vision_width, depth=self.vision_layers,
+            num_heads=self.vision_heads, mlp_dim=self.vision_mlp_dim, pos_interpolation=self.pos_interpolation,
+            merge=self.merge, lora=self.lora, **common,
+        )
+        text = CLIPTextTower(
+            context_length=self.context_length, vocab_size=self.vocab_size, width=self.text_width,
+            depth=self.text_layers, num_heads=self.text_heads, mlp_dim=self.text_mlp_dim,
+            eot_token_id=self.eot_token_id, lora=self.lora if self.text_lora else LoRAConfig(), **common,
+        )
+        return visual, text
+
+    @nn.nowrap
     def vision_tower(self, **kwargs) -> nn.Module:
-        """The image tower built in setup; a subclass may return another (e.g. a video tower)."""
+        """The image tower built in setup: CLIPVisionTower, or `resnet_tower` when `depth` (vision_layers)
+        gives 4 stage depths; a subclass may return another (e.g. a video tower)."""
+        if isinstance(kwargs["depth"], (tuple, list)):
+            return resnet_tower(**kwargs)
         return CLIPVisionTower(**kwargs)
 
     def token_counts(self, image_size=None) -> list[int]:
-        """Image tower tokens [N_0, ..., N_L] (static, from the schedule)."""
+        """Image tower tokens [N_0, ..., N_L] (static, from the schedule); ViT towers only."""
+        if isinstance(self.vision_layers, (tuple, list)):
+            raise ValueError("token_counts: the ResNet image tower (vision_layers "
+                             f"{tuple(self.vision_layers)}) has no token sequence; only ViT towers have one.")
         size = image_size if image_size is not None else self.image_size
         return image_token_counts(size, self.patch_size, self.vision_layers, self.merge)
 
     def encode_image(self, images, train: bool = False, return_info: bool = False):
-        """[B, H, W, 3] -> [B, E] (not normalised); see CLIPVisionTower."""
+        """[B, H, W, 3] -> [B, E] (not normalised); see CLIPVisionTower / ModifiedResNet."""
         return self.visual(images, train=train, return_info=return_info)
 
     def encode_text(self, ids, mask=None, train: bool = False, return_info: bool = False):

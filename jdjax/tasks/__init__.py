@@ -22,6 +22,7 @@ TASKS = {
     "delayed_feedback": "jdjax.tasks.delayed_feedback",
     "page_click": "jdjax.tasks.page_click",
     "pyra": "jdjax.tasks.pyra",
+    "scpnet": "jdjax.tasks.scpnet",
     "tempme": "jdjax.tasks.tempme",
 }
 

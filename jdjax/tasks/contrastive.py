@@ -104,12 +104,17 @@ class WordTokenizer:
         unk = self.encoder[self.UNK]
         return [self.encoder.get(w, unk) for w in self.words(text)]
 
-    def tokenize(self, texts, context_length: int) -> np.ndarray:
-        """int32 [B, context_length]: SOT, words, EOT, then 0s; too long: cut, last token EOT."""
+    def tokenize(self, texts, context_length: int, truncate: bool = True) -> np.ndarray:
+        """int32 [B, context_length]: SOT, words, EOT, then 0s; too long: cut, last token EOT (with
+        truncate=False: ValueError)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         out = np.zeros((len(texts), context_length), np.int32)
         for row, text in enumerate(texts):
-            ids = [self.sot_token_id, *self.encode(text), self.eot_token_id][:context_length]
+            ids = [self.sot_token_id, *self.encode(text), self.eot_token_id]
+            if len(ids) > context_length and not truncate:
+                raise ValueError(f"{text!r} is {len(ids)} tokens with SOT and EOT, more than context_length "
+                                 f"{context_length}; pass truncate=True or a longer context.")
+            ids = ids[:context_length]
             ids[-1] = self.eot_token_id
             out[row, : len(ids)] = ids
         return out

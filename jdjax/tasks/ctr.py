@@ -12,10 +12,12 @@ The model family follows from `model.name`: a key of jdjax.models.din.MODELS (be
 of jdjax.models.cscnn.MODELS (image, data 'ads').
 
 Loss: logloss (sigmoid cross-entropy) plus any auxiliary loss the model returns (DADNN's
-knowledge transfer). `predict` returns per-example probabilities, labels, user ids and slice
-flags; `summarize` computes AUC, gAUC (grouped by raw user id, never by the encoded id, which
-maps every unseen user to the one OOV row) and logloss over the split and per slice (every
-boolean column of the data: 'new', 'repeat', 'infreq' for click logs, 'scene<k>' for scenes).
+knowledge transfer). With `model.activation='dice'` (behaviour and image models) Dice's running
+averages ride in the train state's 'batch_stats': training updates them, evaluation reads them.
+`predict` returns per-example probabilities, labels, user ids and slice flags; `summarize`
+computes AUC, gAUC (grouped by raw user id, never by the encoded id, which maps every unseen
+user to the one OOV row) and logloss over the split and per slice (every boolean column of the
+data: 'new', 'repeat', 'infreq' for click logs, 'scene<k>' for scenes).
 The vocabularies are built once over the whole training split (or loaded from
 `data.feature_map`, which must be this data's map: FeatureMap.check_data) and written to
 `<workdir>/feature_map.json`; `data.oov_rate` of the training ids are encoded as out of
@@ -54,7 +56,7 @@ from jdjax.train.validation import UsageError
 
 FAMILIES = {"behaviour": din.MODELS, "scenes": dadnn.MODELS, "images": cscnn.MODELS}
 DATA_SOURCES = {"behaviour": ("clicklog", "amazon"), "scenes": ("scenes", "scene_files"), "images": ("ads",)}
-ACTIVATIONS = ("relu", "prelu", "sigmoid")
+ACTIVATIONS = ("relu", "prelu", "sigmoid", "dice")
 
 
 def model_family(name: str) -> str:
@@ -179,21 +181,26 @@ def summarize(out: dict[str, np.ndarray]) -> dict[str, float]:
 
 def ctr_task(model, fmap: FeatureMap, sources: dict, **task_kwargs) -> Task:
     """A Task for a module mapping an encoded batch to (logits [B], aux) (`train` kwarg, dropout rng);
-    aux['losses'] (optional) holds weighted auxiliary loss terms added to the logloss."""
+    aux['losses'] (optional) holds weighted auxiliary loss terms added to the logloss. A model with
+    mutable collections (Dice's 'batch_stats') gives a stateful Task: training updates the running
+    averages, prediction reads them."""
     sample = sources["train"].get_batch(np.arange(2))
     slices = tuple(k for k, v in sample.items() if v.dtype == bool)
 
-    def init(rng):
-        return model.init({"params": rng}, {k: jnp.asarray(v) for k, v in sample.items()})["params"]
+    def init_variables(rng):
+        return model.init({"params": rng}, {k: jnp.asarray(v) for k, v in sample.items()})
 
-    def loss(params, batch, rng):
-        logits, aux = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
+    collections = sorted(set(jax.eval_shape(init_variables, jax.random.key(0))) - {"params"})
+
+    def loss(params, model_state, batch, rng):
+        (logits, aux), model_state = model.apply({"params": params, **model_state}, batch, train=True,
+                                                 rngs={"dropout": rng}, mutable=collections)
         logloss = optax.sigmoid_binary_cross_entropy(logits, batch["label"]).mean()
         extra = aux.get("losses", {})
-        return logloss + sum(extra.values()), {"logloss": logloss, **extra}
+        return logloss + sum(extra.values()), {"logloss": logloss, **extra}, model_state
 
-    def predict(params, batch):
-        logits, _ = model.apply({"params": params}, batch, train=False)  # [B]
+    def predict(params, model_state, batch):
+        logits, _ = model.apply({"params": params, **model_state}, batch, train=False)  # [B]
         out = {"prob": jax.nn.sigmoid(logits), "label": batch["label"], "group": batch["group"]}
         out.update({s: batch[s] for s in slices})
         return out
@@ -201,9 +208,15 @@ def ctr_task(model, fmap: FeatureMap, sources: dict, **task_kwargs) -> Task:
     def report(workdir, results):
         fmap.save(as_path(workdir) / "feature_map.json")
 
+    if collections:
+        functions = dict(loss=loss, predict=predict,
+                         init_model_state=lambda rng: {k: v for k, v in init_variables(rng).items() if k != "params"})
+    else:
+        functions = dict(loss=lambda params, batch, rng: loss(params, {}, batch, rng)[:2],
+                         predict=lambda params, batch: predict(params, {}, batch))
     return Task(
-        init=init, loss=loss, predict=predict, summarize=summarize, train_source=sources["train"],
-        eval_sources={k: v for k, v in sources.items() if k != "train"}, report=report, **task_kwargs,
+        init=lambda rng: init_variables(rng)["params"], summarize=summarize, train_source=sources["train"],
+        eval_sources={k: v for k, v in sources.items() if k != "train"}, report=report, **functions, **task_kwargs,
     )
 
 
@@ -288,9 +301,11 @@ def validate(config) -> list[str]:
     if config.data.name == "clicklog" and config.data.split not in ("time", "user"):
         errors.append(f"data.split must be 'time' or 'user', got {config.data.split!r}.")
     if config.model.activation not in ACTIVATIONS:
-        hint = (" Dice needs running statistics (a mutable 'batch_stats' collection), which the generic loop's "
-                "TrainState does not carry;" if config.model.activation == "dice" else "")
-        errors.append(f"model.activation={config.model.activation!r} is not supported by the CTR task.{hint} use 'prelu'.")
+        errors.append(f"model.activation={config.model.activation!r} is not supported by the CTR task; choose one "
+                      f"of {ACTIVATIONS}.")
+    elif config.model.activation == "dice" and family == "scenes":
+        errors.append("model.activation='dice' is not supported by the multi-scene models: their per-scene towers "
+                      "(and MMoE experts) are vmapped and Dice's running statistics are not; use 'prelu'.")
     if family == "behaviour" and config.model.prior not in ("learned", "unit"):
         errors.append(f"model.prior must be 'learned' or 'unit', got {config.model.prior!r}.")
     if family == "images" and config.model.max_unique_images < 0:

@@ -53,7 +53,8 @@ def validate(config) -> list[str]:
         errors.append(f"model.mlp_hidden={tuple(m.mlp_hidden)} must hold positive widths.")
     if m.activation not in ACTIVATIONS or m.activation == "dice":
         errors.append(f"model.activation={m.activation!r}: choose one of relu, prelu, sigmoid "
-                      "(dice needs running statistics, which the loop's state does not carry).")
+                      "(the page click task does not carry model state, which dice's running statistics need; "
+                      "the CTR task does).")
     if not 0.0 <= m.dropout < 1.0:
         errors.append(f"model.dropout={m.dropout} must be in [0, 1).")
     if m.dtype not in ("float32", "bfloat16", "float16"):

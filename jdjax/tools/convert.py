@@ -1,9 +1,11 @@
 """Command line of the checkpoint converters (`jdjax.nn.convert`, where the formats are described):
-OpenAI CLIP, open_clip, timm ViT, Google ViT npz, Hugging Face ViT / CLIP -> a jdjax checkpoint
-directory (`params/` orbax + `model.json`). Errors exit with status 2 and one message.
+OpenAI CLIP (ViT and ResNet), open_clip, timm ViT, Google ViT npz, Hugging Face ViT / CLIP -> a jdjax
+checkpoint directory (`params/` orbax, `batch_stats/` for ResNet CLIPs, + `model.json`). Errors exit
+with status 2 and one message.
 
     python -m jdjax.tools.convert --format=google_vit_npz --src=imagenet21k_ViT-B_16.npz --dst=ckpt/vit_b16
     python -m jdjax.tools.convert --format=openai_clip --src=ViT-B-32.pt --dst=ckpt/clip_b32 [--model=ViT-B/32]
+    python -m jdjax.tools.convert --format=open_clip --src=RN50-quickgelu.pt --dst=ckpt/clip_rn50 --model=RN50-quickgelu
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ def _define_flags(fv):
                         flag_values=fv)
     flags.DEFINE_string("dst", None, "Output directory (orbax params/ + model.json).", flag_values=fv)
     flags.DEFINE_string("model", None, "Model name where shapes cannot tell (heads): e.g. B/16, ViT-B/32, "
-                        "vit_base_patch16_224, ViT-H-14, ViT-B-32-quickgelu.", flag_values=fv)
-    flags.DEFINE_integer("num_heads", None, "Attention heads (ViT, or the CLIP image tower).", flag_values=fv)
+                        "vit_base_patch16_224, ViT-H-14, ViT-B-32-quickgelu, RN50, RN50-quickgelu.", flag_values=fv)
+    flags.DEFINE_integer("num_heads", None, "Attention heads (ViT, or the CLIP image tower / ResNet attention pool).",
+                         flag_values=fv)
     flags.DEFINE_integer("text_heads", None, "Attention heads of the CLIP text tower.", flag_values=fv)
     flags.DEFINE_enum("activation", None, ["gelu", "quick_gelu", "gelu_tanh", "relu"], "Force the MLP activation.",
                       flag_values=fv)
@@ -87,7 +90,9 @@ def cli(argv: Sequence[str]) -> int:
     from flax import traverse_util  # late: --help and usage errors need no jax
 
     n = sum(np.size(v) for v in traverse_util.flatten_dict(converted.params).values())
-    print(f"wrote {dst}: {model_desc(converted.model, converted.config)}, {n:,} parameters")
+    stats = sum(np.size(v) for v in traverse_util.flatten_dict(converted.batch_stats).values())
+    print(f"wrote {dst}: {model_desc(converted.model, converted.config)}, {n:,} parameters"
+          + (f", {stats:,} BatchNorm statistics" if stats else ""))
     if converted.dropped:
         print(f"dropped source keys: {sample_keys(converted.dropped, 8)}")
     for note in converted.notes:

@@ -4,7 +4,8 @@ Layout in the workdir:
   ckpt/<step>/{state,meta}   periodic, keep-last-K; `meta` holds the data-iterator state and the
                              best validation value so far, so a rerun resumes exactly.
   best/<step>/{state,meta}   the single best state by `checkpoint.best_metric` (a validation
-                             metric, never a test one).
+                             metric, never a test one); `meta` names the weights that won
+                             ('raw', or 'ema' for the moving average the state carries).
 Orbax writes each step to a temporary directory and renames it when complete, so a crash
 never leaves a half-written checkpoint that would be restored. The workdir is a local directory
 or gs://bucket/... (the two places orbax writes arrays to).
@@ -39,31 +40,48 @@ class Checkpointer:
         self.best = ocp.CheckpointManager(workdir / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, **opts))
         self.best_value = None
         self.best_step = None
+        self.best_weights = "raw"
 
     def latest_step(self) -> int | None:
         return self.last.latest_step()
 
     def _meta(self, data_state) -> dict:
-        return {"data": data_state, "best_value": self.best_value, "best_step": self.best_step}
+        return {"data": data_state, "best_value": self.best_value, "best_step": self.best_step,
+                "best_weights": self.best_weights}
 
     def save(self, step: int, state, data_state) -> None:
         """Saves (state, data-iterator state) as step `step` of the keep-last-K series."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(self._meta(data_state)))
         self.last.save(step, args=args, force=True)
 
-    def improves(self, metrics: dict) -> bool:
+    def _value(self, metrics: dict) -> float:
         if self.best_metric not in metrics:
             raise KeyError(
                 f"checkpoint.best_metric={self.best_metric!r} is not among the eval metrics {sorted(metrics)}."
             )
-        value = float(metrics[self.best_metric])
-        if self.best_value is None:
-            return True
-        return value > self.best_value if self.best_mode == "max" else value < self.best_value
+        return float(metrics[self.best_metric])
 
-    def save_best(self, step: int, state, metrics: dict) -> None:
-        """Call after `improves(metrics)` returned True."""
-        self.best_value, self.best_step = float(metrics[self.best_metric]), int(step)
+    def _better(self, value: float, than: float) -> bool:
+        return value > than if self.best_mode == "max" else value < than
+
+    def best_of(self, candidates: dict[str, dict]) -> str:
+        """The name of the candidate weights (name -> their validation metrics, e.g. {'raw': ..., 'ema': ...})
+        that score best on `best_metric`; the first one wins ties."""
+        names = list(candidates)
+        best = names[0]
+        for name in names[1:]:
+            if self._better(self._value(candidates[name]), self._value(candidates[best])):
+                best = name
+        return best
+
+    def improves(self, metrics: dict) -> bool:
+        value = self._value(metrics)
+        return self.best_value is None or self._better(value, self.best_value)
+
+    def save_best(self, step: int, state, metrics: dict, weights: str = "raw") -> None:
+        """Call after `improves(metrics)` returned True; `weights` names the weights of `state` that scored
+        `metrics` ('raw' or 'ema')."""
+        self.best_value, self.best_step, self.best_weights = float(metrics[self.best_metric]), int(step), weights
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(self._meta(None)))
         self.best.save(step, args=args, force=True)
 
@@ -71,7 +89,8 @@ class Checkpointer:
         """Restores (state, data_state) from the latest (or best) checkpoint; None if there is none.
 
         `abstract_state` holds jax.ShapeDtypeStruct leaves with shardings, so arrays are read
-        straight into their target layout.
+        straight into their target layout. The latest checkpoint brings back the best value, step and
+        weights seen so far; the best one sets `best_weights` to the weights it was selected with.
         """
         mngr = self.best if best else self.last
         step = mngr.latest_step()
@@ -89,6 +108,7 @@ class Checkpointer:
         meta = restored.meta
         if not best:
             self.best_value, self.best_step = meta["best_value"], meta["best_step"]
+        self.best_weights = meta["best_weights"]
         return restored.state, meta["data"]
 
     def wait(self) -> None:

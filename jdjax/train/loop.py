@@ -3,6 +3,12 @@
 Sections: mesh and shardings -> optimizer -> state (restored or born sharded) -> compiled steps
 -> the step loop (logging, eval, checkpoints, preemption, non-finite guard) -> final report
 (the checkpoint chosen on the validation split, evaluated on test).
+
+The state carries the task's mutable model state (BatchNorm statistics, Dice running averages)
+and, with `config.ema_decay` > 0, a moving average of parameters and model state; every eval
+scores the raw weights (val/...) and the average (val_ema/...) and the better one on
+`checkpoint.best_metric` competes for the best checkpoint; results.json names the winner
+('selected_weights').
 """
 
 from __future__ import annotations
@@ -82,22 +88,47 @@ class Preemption:
         return bool(np.any(flags))
 
 
-def make_train_step(task: Task, tx, schedule, mask):
-    """train_step(state, batch, rng) -> (state, metrics); rng is the run's base key as raw uint32 data."""
+def stateful_functions(task: Task) -> tuple:
+    """(init_model_state, loss, predict) of `task` in the stateful form (see Task): a stateless task's
+    state is {} and passes through its loss unchanged. The loop calls only these."""
+    if task.init_model_state is not None:
+        return task.init_model_state, task.loss, task.predict
+
+    def loss(params, model_state, batch, rng):
+        return (*task.loss(params, batch, rng), model_state)
+
+    return (lambda rng: {}), loss, lambda params, model_state, batch: task.predict(params, batch)
+
+
+def ema_update(ema, new, decay: float):
+    """The moving average one step on: ema + (1 - decay) (new - ema) for floating leaves (equal to
+    decay * ema + (1 - decay) * new, and exactly ema where new == ema, e.g. frozen parameters);
+    other leaves (counters) take `new`."""
+    return jax.tree.map(lambda e, x: e + (1 - decay) * (x - e) if jnp.issubdtype(x.dtype, jnp.inexact) else x, ema, new)
+
+
+def make_train_step(task: Task, tx, schedule, mask, ema_decay: float = 0.0):
+    """train_step(state, batch, rng) -> (state, metrics); rng is the run's base key as raw uint32 data.
+    The model state comes out of the loss; the EMA (when `state.ema` is set) follows the new weights."""
+    _, task_loss, _ = stateful_functions(task)
 
     def train_step(state: TrainState, batch, rng):
         step_rng = jax.random.fold_in(jax.random.wrap_key_data(rng), state.step)
         # Frozen parameters get no gradient at all (XLA drops their backward pass).
         def loss_fn(params):
             params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
-            return task.loss(params, batch, step_rng)
+            loss, aux, model_state = task_loss(params, state.model_state, batch, step_rng)
+            return loss, (aux, model_state)
 
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        ema = state.ema
+        if ema is not None:
+            ema = ema_update(ema, {"params": params, "model_state": model_state}, ema_decay)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step), **aux}
         metrics.update(_count_nonfinite(batch))
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return TrainState(state.step + 1, params, opt_state, model_state, ema), metrics
 
     return train_step
 
@@ -129,21 +160,27 @@ def _nonfinite_message(loss: float, step: int, bad_inputs: dict[str, int], lates
     return f"the training loss became {loss} at step {step}. Training stopped. {cause} {saved}"
 
 
-def evaluate(predict_step, params, source, global_batch: int, mesh, summarize) -> dict[str, float]:
-    """Metrics over every example of `source` (last batch padded, padding masked out).
+def evaluate(predict_step, weights, source, global_batch: int, mesh, summarize) -> dict[str, float]:
+    """Metrics over every example of `source` (last batch padded, padding masked out), with
+    `predict_step(weights, batch)` (in the loop, weights = {'params': ..., 'model_state': ...}).
 
     Outputs stay on device until the split is done, so batches are dispatched back to back.
     """
     outputs: dict[str, list] = {}
     for local in pipeline.eval_batches(source, global_batch, jax.process_index(), jax.process_count()):
         batch = shd.global_batch_from_local(local, mesh)
-        out = predict_step(params, batch)
+        out = predict_step(weights, batch)
         out["mask"] = batch["mask"]
         for k, v in out.items():
             outputs.setdefault(k, []).append(v)
     cat = {k: np.concatenate([_to_host(x) for x in v]) for k, v in outputs.items()}
     keep = cat.pop("mask") > 0
     return summarize({k: v[keep] for k, v in cat.items()})
+
+
+def weights_of(state: TrainState, which: str) -> dict:
+    """The weights {'params', 'model_state'} that eval runs on: 'raw' (the trained ones) or 'ema'."""
+    return {"params": state.params, "model_state": state.model_state} if which == "raw" else state.ema
 
 
 def _to_host_tree(tree):
@@ -167,7 +204,7 @@ class Compiled:
     abstract_state: TrainState  # ShapeDtypeStruct leaves with shardings
     init_state: object  # () -> TrainState, born sharded (pretrained weights applied)
     train_step: object  # (state, batch, rng) -> (state, metrics); donates state
-    predict_step: object  # (params, batch) -> per-example outputs
+    predict_step: object  # ({'params', 'model_state'}, batch) -> per-example outputs
     rng: jax.Array  # the base training key (raw uint32 data), replicated
     num_params: int
     num_trainable: int
@@ -179,25 +216,37 @@ def compile_task(config, task: Task) -> Compiled:
     rules = shd.rules_from_config(config.sharding_rules)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     tx, schedule = make_optimizer(config.optimizer, int(config.num_train_steps), task.trainable, task.lr_multipliers)
+    init_model_state, _, predict = stateful_functions(task)
     with nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(task.init, init_rng)
         param_sh = shd.logical_shardings(boxed, mesh, rules)
+        model_state_sh = shd.logical_shardings(jax.eval_shape(init_model_state, init_rng), mesh, rules)
     abstract_params = nn.meta.unbox(boxed)
     mask = trainable_mask(abstract_params, task.trainable)
     opt_sh = _opt_state_shardings(tx, jax.eval_shape(tx.init, abstract_params), param_sh, mesh)
-    state_sh = TrainState(step=shd.replicated(mesh), params=param_sh, opt_state=opt_sh)
+    weights_sh = {"params": param_sh, "model_state": model_state_sh}
+    with_ema = config.ema_decay > 0
+    state_sh = TrainState(step=shd.replicated(mesh), params=param_sh, opt_state=opt_sh, model_state=model_state_sh,
+                          ema=weights_sh if with_ema else None)
+
+    def state_from(step, params, model_state):
+        """A state at `step` whose optimizer starts afresh and whose EMA (if any) starts at the weights."""
+        # A copy: the state is donated to the train step, so no two of its leaves may share a buffer.
+        ema = jax.tree.map(jnp.copy, {"params": params, "model_state": model_state}) if with_ema else None
+        return TrainState(step, params, tx.init(params), model_state, ema)
 
     def fresh_state(key):
-        params = nn.meta.unbox(task.init(key))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        return state_from(jnp.zeros((), jnp.int32), nn.meta.unbox(task.init(key)), nn.meta.unbox(init_model_state(key)))
 
     def init_state() -> TrainState:
         with nn.logical_axis_rules(rules):
             state = jax.jit(fresh_state, out_shardings=state_sh)(init_rng)
         if task.load_pretrained is None:
             return state
-        params = shd.put_global(task.load_pretrained(_to_host_tree(state.params)), param_sh)
-        return jax.jit(lambda p: TrainState(state.step, p, tx.init(p)), out_shardings=state_sh)(params)
+        variables = task.load_pretrained(_to_host_tree({"params": state.params, **state.model_state}))
+        params = shd.put_global(variables["params"], param_sh)
+        model_state = shd.put_global({k: variables[k] for k in model_state_sh}, model_state_sh)
+        return jax.jit(lambda p, m: state_from(state.step, p, m), out_shardings=state_sh)(params, model_state)
 
     batch_sh, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
     return Compiled(
@@ -207,12 +256,13 @@ def compile_task(config, task: Task) -> Compiled:
         abstract_state=abstract_with_shardings(jax.eval_shape(fresh_state, init_rng), state_sh),
         init_state=init_state,
         train_step=jax.jit(
-            make_train_step(task, tx, schedule, mask),
+            make_train_step(task, tx, schedule, mask, float(config.ema_decay)),
             in_shardings=(state_sh, batch_sh, rep),
             out_shardings=(state_sh, rep),
             donate_argnums=(0,),
         ),
-        predict_step=jax.jit(task.predict, in_shardings=(param_sh, batch_sh), out_shardings=batch_sh),
+        predict_step=jax.jit(lambda w, batch: predict(w["params"], w["model_state"], batch),
+                             in_shardings=(weights_sh, batch_sh), out_shardings=batch_sh),
         rng=shd.put_global(jax.random.key_data(train_rng), rep),
         num_params=count_params(abstract_params),
         num_trainable=count_params(abstract_params, mask),
@@ -263,8 +313,10 @@ def train_and_evaluate(config, workdir: epath.PathLike, task: Task) -> dict:
               f"workdir {workdir}", flush=True)
     train_step, train_rng = c.train_step, c.rng
 
-    def run_eval(params, split):
-        return evaluate(c.predict_step, params, task.eval_sources[split], config.eval_batch_size, mesh, task.summarize)
+    def run_eval(weights, split):
+        return evaluate(c.predict_step, weights, task.eval_sources[split], config.eval_batch_size, mesh, task.summarize)
+
+    candidates = ("raw", "ema") if config.ema_decay > 0 else ("raw",)
 
     writer = MetricWriter(workdir, tensorboard=config.logging.tensorboard)
     bar = progress_bar(num_steps, start_step, desc=config.task)
@@ -313,10 +365,14 @@ def train_and_evaluate(config, workdir: epath.PathLike, task: Task) -> dict:
                     flush()
                 if step % config.eval_every_steps == 0 or step == num_steps:
                     flush()
-                    val = {f"val/{k}": v for k, v in run_eval(state.params, "val").items()}
-                    writer.write(step, val)
-                    if ckpt.improves(val):
-                        ckpt.save_best(step, state, val)
+                    # Raw and EMA weights on validation, selected by the checkpoint metric (test never looked at).
+                    val = {w: {f"val/{k}": v for k, v in run_eval(weights_of(state, w), "val").items()}
+                           for w in candidates}
+                    writer.write(step, {**val["raw"], **{k.replace("val/", "val_ema/", 1): v
+                                                         for k, v in val.get("ema", {}).items()}})
+                    weights = ckpt.best_of(val)
+                    if ckpt.improves(val[weights]):
+                        ckpt.save_best(step, state, val[weights], weights)
                     chrono.start()
                 if step % config.checkpoint.every_steps == 0 or step == num_steps:
                     flush()
@@ -347,18 +403,21 @@ def train_and_evaluate(config, workdir: epath.PathLike, task: Task) -> dict:
 
 
 def _final_report(ckpt: Checkpointer, abstract_state, run_eval, task: Task, writer) -> dict:
-    """Evaluates the checkpoint chosen on validation: on val again and, if present, on test."""
+    """Evaluates the checkpoint chosen on validation, with the weights (raw or EMA) chosen there: on val
+    again and, if present, on test."""
     best = ckpt.restore(abstract_state, best=True)
     if best is None:
         return {}
     state, _ = best
-    out = {"selected_step": ckpt.best_step, "selected_by": ckpt.best_metric}
+    out = {"selected_step": ckpt.best_step, "selected_by": ckpt.best_metric, "selected_weights": ckpt.best_weights}
+    weights = weights_of(state, ckpt.best_weights)
     for split in task.eval_sources:
-        metrics = run_eval(state.params, split)
+        metrics = run_eval(weights, split)
         out.update({f"{split}/{k}": v for k, v in metrics.items()})
     writer.write(ckpt.best_step, {f"final/{k}": v for k, v in out.items() if isinstance(v, float)})
     if is_main_process():
-        print(f"[jdjax] checkpoint selected on {ckpt.best_metric} (step {ckpt.best_step}): "
+        print(f"[jdjax] checkpoint selected on {ckpt.best_metric} (step {ckpt.best_step}, "
+              f"{ckpt.best_weights} weights): "
               + ", ".join(f"{k}={v:.4f}" for k, v in out.items() if isinstance(v, float)), flush=True)
     return out
 

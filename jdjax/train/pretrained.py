@@ -3,8 +3,8 @@ a freshly initialised parameter tree.
 
 `merge_pretrained(fresh, params, exclude='^head/') -> (params, report)` puts the backbone into the
 fresh tree (LoRA / PYRA / new-head leaves stay as they are; scanned `blocks` and other position
-grids handled); `make_load_pretrained(path)` is a ready `Task.load_pretrained`. Checkpoints are
-converted with `jdjax.nn.convert` (or its command-line tool).
+grids handled); `make_load_pretrained(path)` is a ready `Task.load_pretrained` (parameters and
+BatchNorm statistics). Checkpoints are converted with `jdjax.nn.convert` (or its command-line tool).
 """
 
 from __future__ import annotations
@@ -169,20 +169,44 @@ def _resize_pos(pos: np.ndarray, shape: tuple, path: str) -> np.ndarray:
         raise ConversionError(f"cannot resize {path!r} from {pos.shape} to {tuple(shape)}: {e}") from e
 
 
+MODEL_STATE_COLLECTIONS = ("batch_stats",)  # non-param collections a bare converted tree may hold at its top level
+
+
+def pretrained_collections(tree: Mapping) -> dict:
+    """A converted tree as {collection: tree}: {'params': ..., 'batch_stats': ...} stays as it is; a bare
+    parameter tree, possibly with a top-level 'batch_stats' (nested or '/'-joined keys) beside the
+    parameters, becomes {'params': the rest, 'batch_stats': ...}."""
+    if "params" in tree:
+        return dict(tree)
+    state = {k: tree[k] for k in MODEL_STATE_COLLECTIONS if k in tree}
+    return {"params": {k: v for k, v in tree.items() if k not in state}, **state}
+
+
 def make_load_pretrained(path: str, exclude: str | None = r"^head/", prefix: str = "", log: Callable | None = None,
                          format: str | None = None, **merge_kwargs) -> Callable:
-    """A `Task.load_pretrained` for `config.init_from`: params -> params with the converted backbone
-    at `path` merged in (the head stays fresh by default). The report goes to `log` (absl logging).
-    `path` is a converted directory, or a raw source with `format` (a `.npz` needs none)."""
+    """A `Task.load_pretrained` for `config.init_from`: variables -> variables ({'params': ..., **model_state})
+    with every collection of the converted checkpoint at `path` (parameters, BatchNorm 'batch_stats')
+    merged into the model's collection of that name (the head stays fresh by default; `exclude` and
+    `prefix` apply to every collection). The report goes to `log` (absl logging). `path` is a converted
+    directory, or a raw source with `format` (a `.npz` needs none)."""
     pretrained, _ = load_converted(path, format)
+    pretrained = pretrained_collections(pretrained)
 
-    def load(params):
-        merged, report = merge_pretrained(params, pretrained, exclude=exclude, prefix=prefix, **merge_kwargs)
+    def load(variables):
+        merged, lines = dict(variables), []
+        for name, tree in pretrained.items():
+            if name not in variables:
+                unused = len(traverse_util.flatten_dict(tree))
+                lines.append(f"{name}: not in the model, {unused} pretrained leaves unused")
+                continue
+            merged[name], report = merge_pretrained(variables[name], tree, exclude=exclude, prefix=prefix,
+                                                    **merge_kwargs)
+            lines.append(report.summary() if name == "params" else f"{name}: {report.summary()}")
+        message = f"init_from {path}: " + "; ".join(lines)
         if log is None:
-            logging.info("init_from %s: %s", path, report.summary())
+            logging.info("%s", message)
         else:
-            log(f"init_from {path}: {report.summary()}")
+            log(message)
         return merged
 
     return load
-

@@ -2,8 +2,8 @@
 
 `loop_config_errors(config)` lists every problem of the sections the loop reads (batch sizes
 against the mesh and the process count, the mesh itself, sharding rules, step counts,
-optimizer, checkpoint selection, data and init_from paths) before anything is compiled or
-written. `jdjax.tasks.validate` runs it on every config a task will hand to the loop, and
+optimizer, EMA decay, checkpoint selection, data and init_from paths) before anything is
+compiled or written. `jdjax.tasks.validate` runs it on every config a task will hand to the loop, and
 `train_and_evaluate` runs it again as a guard for callers that reach the loop directly.
 """
 
@@ -15,6 +15,7 @@ import jax
 
 from jdjax import io
 from jdjax.train import sharding as shd
+from jdjax.train.optim import OPTIMIZERS, SCHEDULES
 
 
 class UsageError(Exception):
@@ -47,10 +48,13 @@ def loop_config_errors(config) -> list[str]:
             errors.append(f"{name} must be positive, got {config[name]}.")
     if config.checkpoint.every_steps <= 0 or config.logging.every_steps <= 0:
         errors.append("checkpoint.every_steps and logging.every_steps must be positive.")
-    if config.optimizer.name not in ("adamw", "sgd"):
-        errors.append(f"optimizer.name must be 'adamw' or 'sgd', got {config.optimizer.name!r}.")
-    if config.optimizer.schedule not in ("cosine", "constant"):
-        errors.append(f"optimizer.schedule must be 'cosine' or 'constant', got {config.optimizer.schedule!r}.")
+    if config.optimizer.name not in OPTIMIZERS:
+        errors.append(f"optimizer.name must be one of {OPTIMIZERS}, got {config.optimizer.name!r}.")
+    if config.optimizer.schedule not in SCHEDULES:
+        errors.append(f"optimizer.schedule must be one of {SCHEDULES}, got {config.optimizer.schedule!r}.")
+    if not 0.0 <= config.ema_decay < 1.0:
+        errors.append(f"ema_decay must be in [0, 1) (0 = no moving average; per step, e.g. 0.999), got "
+                      f"{config.ema_decay}.")
     if config.checkpoint.best_mode not in ("max", "min"):
         errors.append(f"checkpoint.best_mode must be 'max' or 'min', got {config.checkpoint.best_mode!r}.")
     data_dir = config.data.get("data_dir", "") if "data" in config else ""

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
+from configs import dadnn as dadnn_config
 from configs import kfatt as kfatt_config
 from jdjax import tasks as jtasks
 from jdjax.data.features import FeatureMap
 from jdjax.tasks import ctr
 from jdjax.train import loop
 from jdjax.train import sharding as shd
+from jdjax.train.checkpoint import read_state
 
 
 def smoke(**overrides):
@@ -37,6 +39,29 @@ def test_smoke_run_reports_auc_gauc_logloss_and_slices(tmp_path):
     assert [t.name for t in fmap.tables()] == ["user", "item", "cat"]
 
 
+def test_dice_trains_its_running_averages_and_predicts_per_example(tmp_path):
+    """DIN with Dice: the task carries 'batch_stats', training moves them, eval reads them (one example's
+    probability does not depend on its batch). The multi-scene models refuse Dice."""
+    cfg = smoke(**{"model.name": "din", "model.activation": "dice", "num_train_steps": 10, "eval_every_steps": 10,
+                   "checkpoint.every_steps": 10})
+    assert jtasks.validate(cfg) == []
+    task = ctr.build(cfg)
+    init = task.init_model_state(jax.random.key(0))
+    assert set(init) == {"batch_stats"}
+    results = loop.train_and_evaluate(cfg, str(tmp_path), task)
+    assert results["status"] == "completed" and 0.0 <= results["test/auc"] <= 1.0
+    state = read_state(str(tmp_path))
+    moved = jax.tree.map(lambda a, b: not np.allclose(a, b), state["model_state"], init)
+    assert all(jax.tree.leaves(moved)), moved  # every running mean and variance
+    batch = task.eval_sources["test"].get_batch(np.arange(8))
+    full = task.predict(state["params"], state["model_state"], batch)["prob"]
+    alone = task.predict(state["params"], state["model_state"], jax.tree.map(lambda v: v[3:4], batch))["prob"]
+    np.testing.assert_allclose(alone[0], full[3], rtol=1e-5, atol=1e-6)
+    scenes = dadnn_config.get_config("smoke")
+    scenes.model.activation = "dice"
+    assert any("not supported by the multi-scene models" in e for e in jtasks.validate(scenes))
+
+
 def test_summarize_per_slice():
     out = {
         "prob": np.array([0.9, 0.2, 0.7, 0.4, 0.6, 0.1]),
@@ -56,7 +81,7 @@ def test_summarize_per_slice():
     [
         ({"model.name": "dien"}, "model.name='dien' is not a CTR model"),
         ({"model.name": "dadnn_mlp"}, "needs data.name in ('scenes', 'scene_files')"),
-        ({"model.activation": "dice"}, "Dice needs running statistics"),
+        ({"model.activation": "gelu"}, "model.activation='gelu' is not supported by the CTR task"),
         ({"data.name": "amazon"}, "needs --config.data.data_dir"),
         ({"data.size": "huge"}, "data.size='huge' is unknown"),
         ({"model.prior": "flat"}, "model.prior must be 'learned' or 'unit'"),

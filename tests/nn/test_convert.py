@@ -429,6 +429,9 @@ def test_vit_names(name, expected):
     ("ViT-L-14-336", dict(image_size=336, patch_size=14, vision_heads=16, text_heads=12), None),
     ("openai/clip-vit-large-patch14-336", dict(image_size=336, vision_width=1024), None),
     ("ViT-H-14", dict(vision_heads=16, text_heads=16), None),
+    ("RN50", dict(vision_layers=(3, 4, 6, 3), vision_width=64, vision_heads=32, patch_size=None, embed_dim=1024), None),
+    ("RN50-quickgelu", dict(vision_layers=(3, 4, 6, 3), text_heads=8), "quick_gelu"),
+    ("RN50x4", dict(image_size=288, vision_width=80, vision_heads=40, text_width=640), None),
 ])
 def test_clip_names(name, expected, act):
     cfg, activation = cv.clip_name_config(name)
@@ -436,8 +439,8 @@ def test_clip_names(name, expected, act):
 
 
 def test_unknown_names():
-    with pytest.raises(cv.ConversionError, match="ResNet"):
-        cv.clip_name_config("RN50")
+    with pytest.raises(cv.ConversionError, match="unknown CLIP model name 'RN42'"):
+        cv.clip_name_config("RN42")
     with pytest.raises(cv.ConversionError, match="unknown ViT model name"):
         cv.vit_name_config("resnet50")
 

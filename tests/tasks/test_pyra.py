@@ -101,7 +101,7 @@ def test_transfer_model_at_init_equals_frozen_backbone_with_merging(tmp_path):
     kwargs = dict(num_classes=k, image_size=size, **pyra.model_dims(cfg.model))
     convert.save_converted(convert.Converted(jax.device_get(backbone_params), "ViT", kwargs, "jdjax"), str(tmp_path / "bb"))
     task = pyra.transfer_task(cfg, "pyra", "high", str(tmp_path / "bb"), log=lambda *_: None)
-    loaded = nn.meta.unbox(task.load_pretrained(task.init(jax.random.key(2))))
+    loaded = nn.meta.unbox(task.load_pretrained({"params": task.init(jax.random.key(2))})["params"])
     model = pyra.build_model(cfg, "pyra", "high", k)
     head = {"head": loaded["head"]}
     want = backbone.apply({"params": {**backbone_params, **head}}, x)

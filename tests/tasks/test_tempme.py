@@ -179,7 +179,7 @@ def test_init_from_a_converted_checkpoint_gives_transformers_clip_mean_pooling(t
         "model.vision_layers": 2, "model.text_layers": 2, "model.text_heads": 2, "model.vision_heads": 2,
         "model.vocab_size": 100, "temporal.clip_layers": (1,), "temporal.group_factors": (2,)})
     t = task.transfer_task(cfg, "dense", cfg.init_from)
-    params = t.load_pretrained(jax.tree.map(np.asarray, jax.jit(t.init)(jax.random.key(0))))
+    params = t.load_pretrained({"params": jax.tree.map(np.asarray, jax.jit(t.init)(jax.random.key(0)))})["params"]
     model = task.build_model(cfg, "dense", 100)
     videos = np.random.default_rng(0).uniform(-1, 1, (2, 4, 16, 16, 3)).astype(np.float32)
     ids = np.array([[98, 5, 7, 99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]] * 2, np.int32)

@@ -18,6 +18,7 @@ def _cfg(**over):
         warmup_steps=0,
         warmup_init=0.0,
         schedule="constant",
+        schedule_steps=0,
         min_lr_ratio=0.0,
         b1=0.9,
         b2=0.999,
@@ -297,6 +298,102 @@ def test_make_optimizer_returns_schedule_and_jits():
     u_jit, _ = step(_grads(p), state, p)
     u_eager, _ = tx.update(_grads(p), state, p)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6), u_jit, u_eager)
+
+
+# ----------------------------------------------------------------------------- onecycle, adam_l2 (SCPNet)
+
+
+def _torch_onecycle(num_steps, max_lr, steps):
+    """PyTorch OneCycleLR as SCPNet builds it (pct_start 0.2, other arguments default): per group
+    (learning rate, Adam beta1) at each of `steps`."""
+    torch = pytest.importorskip("torch")
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in max_lr]
+    opt = torch.optim.Adam([{"params": [p]} for p in params], lr=max_lr[0])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=list(max_lr), total_steps=num_steps, pct_start=0.2,
+                                                anneal_strategy="cos", three_phase=False)
+    out = {}
+    for t in range(max(steps) + 1):
+        if t in steps:
+            out[t] = [(g["lr"], g["betas"][0]) for g in opt.param_groups]
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_onecycle_matches_pytorch_onecycle_lr():
+    steps = (0, 1, 5, 9, 10, 11, 25, 48, 49)
+    ref = _torch_onecycle(50, [0.3, 0.03], steps)
+    cfg = _cfg(name="adam_l2", learning_rate=0.3, schedule="onecycle")
+    lr = optim.learning_rate_schedule(cfg, 50)
+    b1 = optim.adam_b1(cfg, 50)
+    for t in steps:
+        np.testing.assert_allclose(float(lr(t)), ref[t][0][0], rtol=1e-5, err_msg=str(t))
+        np.testing.assert_allclose(float(0.1 * lr(t)), ref[t][1][0], rtol=1e-5, err_msg=str(t))
+        np.testing.assert_allclose(float(b1(t)), ref[t][0][1], rtol=1e-6, err_msg=str(t))
+    # Hand values: 0.3 / 25 at the start, the peak at step 0.2 * 50 - 1 = 9, 0.3 / 25 / 1e4 at step 49,
+    # b1 0.95 -> 0.85 (at the peak) -> 0.95.
+    np.testing.assert_allclose([float(lr(t)) for t in (0, 9, 49)], [0.012, 0.3, 1.2e-6], rtol=1e-5)
+    np.testing.assert_allclose([float(b1(t)) for t in (0, 9, 49)], [0.95, 0.85, 0.95], rtol=1e-6)
+    with pytest.raises(ValueError, match="schedule_steps"):
+        optim.learning_rate_schedule(cfg, 5)
+
+
+def test_schedule_steps_stretch_the_schedule_past_the_run():
+    cfg = _cfg(name="adam_l2", learning_rate=1.0, schedule="onecycle", schedule_steps=50)
+    _, schedule = optim.make_optimizer(cfg, num_steps=30)  # the run stops at 30 of the schedule's 50 steps
+    full = optim.learning_rate_schedule(cfg, 50)
+    np.testing.assert_allclose([float(schedule(t)) for t in (0, 9, 29)], [float(full(t)) for t in (0, 9, 29)])
+    assert float(schedule(29)) > 0.4  # mid-way down, not at the end of a 30-step cycle
+
+
+def test_adam_l2_with_onecycle_matches_pytorch_adam_updates():
+    """make_optimizer('adam_l2', 'onecycle', two lr groups) against torch.optim.Adam(weight_decay) +
+    OneCycleLR(max_lr=[lr, gcn_lr]) over 12 steps: coupled decay on matrices only, b1 cycling,
+    per-group learning rates, bias correction with a changing b1."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    init = {"w": rng.normal(size=(3, 2)), "b": rng.normal(size=(2,)), "gcn": rng.normal(size=(2, 2))}
+    grads = [{k: rng.normal(size=v.shape) for k, v in init.items()} for _ in range(12)]
+    lr, gcn_lr, wd, n = 0.05, 0.2, 0.1, 20
+    cfg = _cfg(name="adam_l2", learning_rate=lr, schedule="onecycle", weight_decay=wd, eps=1e-8)
+    tx, _ = optim.make_optimizer(cfg, n, lr_multipliers=(("^gcn$", gcn_lr / lr),))
+    p = {k: jnp.asarray(v, jnp.float32) for k, v in init.items()}
+    state = tx.init(p)
+    tp = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in init.items()}
+    groups = [{"params": [tp["b"]], "weight_decay": 0.0}, {"params": [tp["w"]], "weight_decay": wd},
+              {"params": [tp["gcn"]], "weight_decay": wd}]
+    opt = torch.optim.Adam(groups, lr=lr, eps=1e-8, weight_decay=0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr, lr, gcn_lr], total_steps=n, pct_start=0.2)
+    step = jax.jit(tx.update)
+    for g in grads:
+        updates, state = step({k: jnp.asarray(v, jnp.float32) for k, v in g.items()}, state, p)
+        p = optax.apply_updates(p, updates)
+        for k, v in g.items():
+            tp[k].grad = torch.tensor(v)
+        opt.step()
+        sched.step()
+    for k in init:
+        np.testing.assert_allclose(np.asarray(p[k]), tp[k].detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_coupled_and_decoupled_decay_differ_as_expected():
+    """One step, p = 2, g = 0.5, lr = 0.1, wd = 0.1, b1 = 0.9, b2 = 0.999, eps ~ 0 (bias-corrected first
+    step: Adam(x) = x / |x|). adamw: u = -lr (g/|g| + wd p) = -0.1 (1 + 0.2) = -0.12;
+    adam_l2: u = -lr (g + wd p) / |g + wd p| = -0.1 (0.7 / 0.7) = -0.1. A zero gradient: adamw still
+    decays (-lr wd p = -0.02), adam_l2 normalises the decay term to a full step (-0.1). Vectors: no decay."""
+    p = {"m": jnp.full((2, 2), 2.0), "v": jnp.full((2,), 2.0)}
+    out = {}
+    for name in ("adamw", "adam_l2"):
+        tx, _ = optim.make_optimizer(_cfg(name=name, learning_rate=0.1, weight_decay=0.1, eps=1e-12), 10)
+        for g in (0.5, 0.0):
+            out[name, g] = tx.update(jax.tree.map(lambda x: jnp.full(x.shape, g), p), tx.init(p), p)[0]
+    np.testing.assert_allclose(out["adamw", 0.5]["m"], -0.12, rtol=1e-5)  # float32 bias correction
+    np.testing.assert_allclose(out["adam_l2", 0.5]["m"], -0.1, rtol=1e-5)
+    np.testing.assert_allclose(out["adamw", 0.0]["m"], -0.02, rtol=1e-6)
+    np.testing.assert_allclose(out["adam_l2", 0.0]["m"], -0.1, rtol=1e-5)
+    for name in ("adamw", "adam_l2"):
+        np.testing.assert_allclose(out[name, 0.5]["v"], -0.1, rtol=1e-5)
+        np.testing.assert_allclose(out[name, 0.0]["v"], 0.0, atol=1e-12)
 
 
 def test_unknown_optimizer_name():

@@ -94,9 +94,38 @@ def test_make_load_pretrained(backbone, tmp_path):
     dst = cv.save_converted(backbone, str(tmp_path / "ckpt"))
     fresh = _fresh(ViT(**{**BACKBONE, "num_classes": 7}))
     logs = []
-    merged = pt.make_load_pretrained(dst, log=logs.append)(fresh)
-    np.testing.assert_array_equal(merged["cls"], backbone.params["cls"])
-    np.testing.assert_array_equal(merged["head"]["kernel"], fresh["head"]["kernel"])
+    merged = pt.make_load_pretrained(dst, log=logs.append)({"params": fresh})
+    assert set(merged) == {"params"}
+    np.testing.assert_array_equal(merged["params"]["cls"], backbone.params["cls"])
+    np.testing.assert_array_equal(merged["params"]["head"]["kernel"], fresh["head"]["kernel"])
     assert len(logs) == 1 and "excluded" in logs[0]
     with pytest.raises(cv.ConversionError, match="not a converted checkpoint"):
         pt.make_load_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("form", ["converter", "collections", "bare"])
+def test_make_load_pretrained_loads_batch_stats(backbone, tmp_path, form):
+    """BatchNorm statistics of a converted checkpoint (the converter's batch_stats, a tree
+    {'params', 'batch_stats'}, or a top-level 'batch_stats' beside bare parameters) land in the
+    model's 'batch_stats'; a model without that collection is told they went unused."""
+    stats = {"bn": {"mean": np.full(4, 0.5, np.float32), "var": np.full(4, 2.0, np.float32)}}
+    if form == "converter":
+        converted = cv.Converted(backbone.params, "ViT", BACKBONE, "jdjax", batch_stats=stats)
+    elif form == "collections":
+        converted = cv.Converted({"params": backbone.params, "batch_stats": stats}, "ViT", BACKBONE, "jdjax")
+    else:
+        converted = cv.Converted({**backbone.params, "batch_stats": stats}, "ViT", BACKBONE, "jdjax")
+    dst = cv.save_converted(converted, str(tmp_path / "ckpt"))
+    fresh = _fresh(ViT(**BACKBONE))
+    fresh_stats = {"bn": {"mean": np.zeros(4, np.float32), "var": np.ones(4, np.float32)},
+                   "other": {"mean": np.ones(2, np.float32)}}
+    logs = []
+    merged = pt.make_load_pretrained(dst, log=logs.append)({"params": fresh, "batch_stats": fresh_stats})
+    assert set(merged) == {"params", "batch_stats"} and "batch_stats" not in merged["params"]
+    np.testing.assert_array_equal(merged["params"]["cls"], backbone.params["cls"])
+    np.testing.assert_array_equal(merged["batch_stats"]["bn"]["var"], stats["bn"]["var"])
+    np.testing.assert_array_equal(merged["batch_stats"]["other"]["mean"], fresh_stats["other"]["mean"])
+    assert "batch_stats: loaded 2" in logs[0]
+    logs.clear()
+    assert set(pt.make_load_pretrained(dst, log=logs.append)({"params": fresh})) == {"params"}
+    assert "batch_stats: not in the model, 2 pretrained leaves unused" in logs[0]

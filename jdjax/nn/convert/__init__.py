@@ -1,5 +1,6 @@
 """Checkpoint conversion for the nn towers: OpenAI CLIP, open_clip, timm ViT, Google ViT npz and
-Hugging Face ViT / CLIP -> the parameter trees of `jdjax.nn.vit.ViT` and `jdjax.nn.clip.CLIP`.
+Hugging Face ViT / CLIP -> the parameter trees of `jdjax.nn.vit.ViT` and `jdjax.nn.clip.CLIP` (ViT
+or ResNet image towers; a ResNet's BatchNorm running statistics become a 'batch_stats' tree).
 
 Every converter reads a source state dict, infers the architecture from its shapes (plus a model
 name or explicit dims where shapes cannot tell, e.g. the head count), maps every tensor onto the
@@ -14,12 +15,13 @@ any reader runs. All floating tensors become float32
 
 Modules: `readers` (files -> {name: array}), `names` (model names -> dims), `mapping` (mapping
 kinds, `Converted`, the shape check), `formats` (one key mapping per format, `convert`), `store`
-(the converted directory: params/ + model.json). Loading a converted backbone into a fresh model
+(the converted directory: params/ (+ batch_stats/) + model.json). Loading a converted backbone into a fresh model
 (`config.init_from`) is `jdjax.train.pretrained`; the command line is the `convert` tool (README).
 
     c = convert("imagenet21k_ViT-B_16.npz", "google_vit_npz")   # -> Converted
     save_converted(c, "ckpt/vit_b16")
     params, kwargs = load_converted("ckpt/vit_b16")             # ViT(**kwargs), {'params': params}
+    trees, kwargs = load_converted("ckpt/clip_rn50")            # CLIP(**kwargs), {'params', 'batch_stats'}
 """
 
 from jdjax.nn.convert.formats import (
@@ -31,12 +33,28 @@ from jdjax.nn.convert.formats import (
     from_openai_clip,
     from_timm_vit,
 )
-from jdjax.nn.convert.mapping import FORMATS, Converted, build_model, expected_shapes, guess_format
+from jdjax.nn.convert.mapping import (
+    FORMATS,
+    Converted,
+    build_model,
+    expected_shapes,
+    expected_variables,
+    guess_format,
+)
 from jdjax.nn.convert.names import clip_name_config, vit_name_config
 from jdjax.nn.convert.readers import ConversionError, read_hf, read_npz, read_safetensors, read_state_dict, read_torch
-from jdjax.nn.convert.store import MODEL_JSON, PARAMS_DIR, load_converted, load_params, read_info, save_converted
+from jdjax.nn.convert.store import (
+    BATCH_STATS_DIR,
+    MODEL_JSON,
+    PARAMS_DIR,
+    load_converted,
+    load_params,
+    read_info,
+    save_converted,
+)
 
 __all__ = [
+    "BATCH_STATS_DIR",
     "FORMATS",
     "MODEL_JSON",
     "PARAMS_DIR",
@@ -46,6 +64,7 @@ __all__ = [
     "clip_name_config",
     "convert",
     "expected_shapes",
+    "expected_variables",
     "from_google_vit",
     "from_hf_clip",
     "from_hf_vit",

@@ -12,6 +12,12 @@ Formats and the layouts they read (C width, H heads, Dh = C / H, P patch):
                   [3C, C] (rows q; k; v, each (H, Dh)); mlp.c_fc / c_proj; ln_1 / ln_2; text
                   transformer.resblocks.{i}; visual.proj / text_projection used as x @ proj.
                   `input_resolution`, `context_length`, `vocab_size` are dropped. QuickGELU, eps 1e-5.
+                  ResNet CLIPs (RN50, ...; jdjax.nn.clip_resnet): visual.conv1/2/3 + bn1/2/3 (stem),
+                  visual.layer{n}.{i}.{conv1,bn1,conv2,bn2,conv3,bn3,downsample.0 (conv),downsample.1 (BN)},
+                  visual.attnpool.{positional_embedding, q_proj, k_proj, v_proj, c_proj}; conv weights OIHW ->
+                  HWIO, BN weight / bias -> params scale / bias, running_mean / running_var -> batch_stats
+                  mean / var, num_batches_tracked dropped; stage depths, stem width and image size from the
+                  shapes, attention-pool heads 32 W / 64 (OpenAI) unless --model / --num_heads say otherwise.
   open_clip       the same names (optionally under {'state_dict': ...} with a 'module.' prefix from DDP);
                   the text `attn_mask` buffer is dropped; a Linear `text_projection.weight` is accepted.
                   Activation: exact GELU (open_clip's default) unless the model name ends in
@@ -109,21 +115,19 @@ def _block_torch(jp: str, ln1: str, ln2: str, fc1: str, fc2: str, out: str, qkv:
 # ----------------------------------------------------------------------------- CLIP (OpenAI / open_clip)
 
 
-def _from_clip_layout(state_dict: Mapping, fmt: str, model: str | None, overrides: dict) -> Converted:
-    """OpenAI / open_clip names (they share one layout) -> CLIP params."""
-    src = Source(state_dict, fmt)
-    src.expect_any(["visual.conv1.weight", "visual.layer1.0.conv1.weight"])
-    if src.has("visual.layer1.0.conv1.weight"):
-        raise ConversionError("this is a ResNet CLIP (visual.layer1...); only ViT CLIP models are supported.")
+def _bn(path: str, prefix: str) -> tuple[list, list]:
+    """The mapping of a torch BatchNorm: (params scale / bias, batch_stats mean / var)."""
+    return ([(f"{path}/scale", [f"{prefix}.weight"], "copy"), (f"{path}/bias", [f"{prefix}.bias"], "copy")],
+            [(f"{path}/mean", [f"{prefix}.running_mean"], "copy"), (f"{path}/var", [f"{prefix}.running_var"], "copy")])
+
+
+def _clip_vit_dims(src: Source) -> dict:
+    """The image-tower dims of a ViT CLIP (visual.conv1 patches, visual.transformer)."""
     patch = src.shape("visual.conv1.weight", "the patch size", ndim=4)[2]
     pos_shape = src.shape("visual.positional_embedding", "the image size", ndim=2)
-    linear_proj = not src.has("text_projection") and src.has("text_projection.weight")
-    tp_key = "text_projection.weight" if linear_proj else "text_projection"
     vl = _count(src, r"visual\.transformer\.resblocks\.(\d+)\.", "visual blocks")
-    tl = _count(src, r"transformer\.resblocks\.(\d+)\.", "text blocks")
-    vb, tb = "visual.transformer.resblocks.{}.mlp.", "transformer.resblocks.{}.mlp."
-    cfg = dict(
-        embed_dim=src.dim("embed_dim", [("visual.proj", 1), (tp_key, 0 if linear_proj else 1)]),
+    vb = "visual.transformer.resblocks.{}.mlp."
+    return dict(
         image_size=_grid_image_size(pos_shape[0], patch, "visual.positional_embedding", pos_shape),
         patch_size=patch, vision_layers=vl, vision_heads=None,
         vision_width=src.dim("vision_width", [("visual.conv1.weight", 0), ("visual.class_embedding", 0),
@@ -131,6 +135,66 @@ def _from_clip_layout(state_dict: Mapping, fmt: str, model: str | None, override
                                               ("visual.ln_post.weight", 0), ("visual.proj", 0)]),
         vision_mlp_dim=_mlp_dim(src, "vision_mlp_dim", [vb.format(i) + "c_fc" for i in range(vl)],
                                 [vb.format(i) + "c_proj" for i in range(vl)]),
+    )
+
+
+def _clip_resnet_dims(src: Source) -> dict:
+    """The image-tower dims of a ResNet CLIP (visual.layer{1-4}, visual.attnpool): stage depths, the stem
+    width W, the image size from the attention-pool positions (1 + (S/32)^2)."""
+    pos_shape = src.shape("visual.attnpool.positional_embedding", "the image size", ndim=2)
+    return dict(
+        image_size=_grid_image_size(pos_shape[0], 32, "visual.attnpool.positional_embedding", pos_shape),
+        patch_size=None, vision_heads=None, vision_mlp_dim=None,
+        vision_layers=tuple(_count(src, rf"visual\.layer{n}\.(\d+)\.", f"visual layer{n} blocks") for n in range(1, 5)),
+        vision_width=src.dim("vision_width", [("visual.layer1.0.conv1.weight", 0), ("visual.layer1.0.conv1.weight", 1),
+                                              ("visual.conv3.weight", 0), ("visual.bn3.weight", 0)]),
+    )
+
+
+def _clip_resnet_mapping(layers: Sequence[int]) -> tuple[list, list]:
+    """(params, batch_stats) mappings of CLIP's ModifiedResNet (jdjax.nn.clip_resnet) from visual.* names."""
+    params, stats = [], []
+
+    def conv_bn(conv: str, bn: str, torch_conv: str, torch_bn: str):
+        params.append((f"visual/{conv}/kernel", [f"visual.{torch_conv}.weight"], "conv"))
+        p, s = _bn(f"visual/{bn}", f"visual.{torch_bn}")
+        params.extend(p)
+        stats.extend(s)
+
+    for i in (1, 2, 3):
+        conv_bn(f"conv{i}", f"bn{i}", f"conv{i}", f"bn{i}")
+    for n, depth in enumerate(layers, start=1):
+        for i in range(depth):
+            ours, theirs = f"layer{n}_{i}", f"layer{n}.{i}"
+            for c in (1, 2, 3):
+                conv_bn(f"{ours}/conv{c}", f"{ours}/bn{c}", f"{theirs}.conv{c}", f"{theirs}.bn{c}")
+            if i == 0:  # the first block of every stage changes the width (and stride): a projected shortcut
+                conv_bn(f"{ours}/downsample_conv", f"{ours}/downsample_bn", f"{theirs}.downsample.0",
+                        f"{theirs}.downsample.1")
+    a, t = "visual/attnpool", "visual.attnpool"
+    params.append((f"{a}/positional_embedding", [f"{t}.positional_embedding"], "copy"))
+    for name in ("q_proj", "k_proj", "v_proj"):
+        params += [(f"{a}/{name}/kernel", [f"{t}.{name}.weight"], "linear_heads"),
+                   (f"{a}/{name}/bias", [f"{t}.{name}.bias"], "heads_bias")]
+    params += [(f"{a}/c_proj/kernel", [f"{t}.c_proj.weight"], "out_proj"),
+               (f"{a}/c_proj/bias", [f"{t}.c_proj.bias"], "copy")]
+    return params, stats
+
+
+def _from_clip_layout(state_dict: Mapping, fmt: str, model: str | None, overrides: dict) -> Converted:
+    """OpenAI / open_clip names (they share one layout) -> CLIP params (+ batch_stats for ResNet towers)."""
+    src = Source(state_dict, fmt)
+    src.expect_any(["visual.conv1.weight", "visual.layer1.0.conv1.weight"])
+    resnet = src.has("visual.layer1.0.conv1.weight")
+    linear_proj = not src.has("text_projection") and src.has("text_projection.weight")
+    tp_key = "text_projection.weight" if linear_proj else "text_projection"
+    tl = _count(src, r"transformer\.resblocks\.(\d+)\.", "text blocks")
+    tb = "transformer.resblocks.{}.mlp."
+    vision = _clip_resnet_dims(src) if resnet else _clip_vit_dims(src)
+    image_proj = [("visual.attnpool.c_proj.weight", 0), ("visual.attnpool.c_proj.bias", 0)] if resnet else [
+        ("visual.proj", 1)]
+    cfg = dict(
+        embed_dim=src.dim("embed_dim", image_proj + [(tp_key, 0 if linear_proj else 1)]), **vision,
         context_length=src.dim("context_length", [("positional_embedding", 0), ("attn_mask", 0)]),
         vocab_size=src.dim("vocab_size", [("token_embedding.weight", 0)]),
         text_width=src.dim("text_width", [("ln_final.weight", 0), ("token_embedding.weight", 1),
@@ -145,29 +209,37 @@ def _from_clip_layout(state_dict: Mapping, fmt: str, model: str | None, override
         notes.append("open_clip: exact GELU (open_clip's default); OpenAI-trained weights need "
                      "--model=<name>-quickgelu or --activation=quick_gelu")
     cfg = finish_clip_config(cfg, model, overrides, fmt, notes)
-    for name, counted in (("vision_layers", vl), ("text_layers", tl)):
+    for name, counted in (("vision_layers", vision["vision_layers"]), ("text_layers", tl)):
         if cfg[name] != counted:
-            raise ConversionError(f"the checkpoint has {counted} {name.split('_')[0]} blocks but the chosen model "
+            what = "blocks per ResNet stage" if isinstance(counted, tuple) else f"{name.split('_')[0]} blocks"
+            raise ConversionError(f"the checkpoint has {counted} {what} but the chosen model "
                                   f"{model_desc('CLIP', cfg)} has {name}={cfg[name]}.")
 
-    m = [("visual/conv1/kernel", ["visual.conv1.weight"], "conv"),
-         ("visual/class_embedding", ["visual.class_embedding"], "copy"),
-         ("visual/positional_embedding", ["visual.positional_embedding"], "copy"),
-         *_ln("visual/ln_pre", "visual.ln_pre"), *_ln("visual/ln_post", "visual.ln_post"),
-         ("visual/proj", ["visual.proj"], "copy"),
-         ("text/token_embedding/embedding", ["token_embedding.weight"], "copy"),
+    m = [("text/token_embedding/embedding", ["token_embedding.weight"], "copy"),
          ("text/positional_embedding", ["positional_embedding"], "copy"),
          *_ln("text/ln_final", "ln_final"),
          ("text/text_projection", [tp_key], "linear" if linear_proj else "copy"),
          ("logit_scale", ["logit_scale"], "copy")]
-    for tower, prefix, depth in (("visual", "visual.transformer", cfg["vision_layers"]),
-                                 ("text", "transformer", cfg["text_layers"])):
+    stats = []
+    towers = [("text", "transformer", cfg["text_layers"])]
+    if resnet:
+        visual, stats = _clip_resnet_mapping(cfg["vision_layers"])
+        m += visual
+    else:
+        m += [("visual/conv1/kernel", ["visual.conv1.weight"], "conv"),
+              ("visual/class_embedding", ["visual.class_embedding"], "copy"),
+              ("visual/positional_embedding", ["visual.positional_embedding"], "copy"),
+              *_ln("visual/ln_pre", "visual.ln_pre"), *_ln("visual/ln_post", "visual.ln_post"),
+              ("visual/proj", ["visual.proj"], "copy")]
+        towers.append(("visual", "visual.transformer", cfg["vision_layers"]))
+    for tower, prefix, depth in towers:
         for i in range(depth):
             p = f"{prefix}.resblocks.{i}"
             m += _block_torch(f"{tower}/block{i}", f"{p}.ln_1", f"{p}.ln_2", f"{p}.mlp.c_fc", f"{p}.mlp.c_proj",
                               f"{p}.attn.out_proj", (f"{p}.attn.in_proj_weight", f"{p}.attn.in_proj_bias"))
     drop = [r"^(input_resolution|context_length|vocab_size)$"] if fmt == "openai_clip" else [r"^attn_mask$"]
-    return assemble(src, "CLIP", cfg, m, drop, notes)
+    drop.append(r"\.num_batches_tracked$")  # BatchNorm's step counter (momentum is fixed)
+    return assemble(src, "CLIP", cfg, m, drop, notes, stats)
 
 
 def from_openai_clip(state_dict: Mapping, model: str | None = None, **overrides) -> Converted:

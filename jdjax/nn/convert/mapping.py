@@ -32,6 +32,8 @@ class Converted:
       source_format: one of FORMATS.
       dropped: source keys ignored on purpose (buffers, pre-logits, pooler, ...).
       notes: how ambiguous settings were decided (e.g. the head count from the width table).
+      batch_stats: the BatchNorm running statistics (CLIP's ResNet towers: {.../bn1: {mean, var}}),
+        {} for models without BatchNorm; `variables()` puts them beside the parameters.
     """
 
     params: dict
@@ -40,13 +42,18 @@ class Converted:
     source_format: str
     dropped: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    batch_stats: dict = dataclasses.field(default_factory=dict)
 
     def build_model(self, **overrides):
         """The flax module of this tree (`overrides` replace keyword arguments)."""
         return build_model(self.model, {**self.config, **overrides})
 
+    def variables(self) -> dict:
+        """{'params': params} (+ 'batch_stats' when there are any): the variables of `model.apply`."""
+        return {"params": self.params, **({"batch_stats": self.batch_stats} if self.batch_stats else {})}
+
     def info(self) -> dict:
-        """The JSON-able description written to model.json (everything but the parameters)."""
+        """The JSON-able description written to model.json (everything but the arrays)."""
         return {"model": self.model, "config": self.config, "source_format": self.source_format,
                 "dropped": list(self.dropped), "notes": list(self.notes)}
 
@@ -81,6 +88,8 @@ _SRC_SHAPE: dict[str, Callable[[tuple], tuple]] = {
     "split_qkv_bias": lambda j: (j[1] * j[2],),  # [C] each -> [3, H, Dh]
     "npz_qkv": lambda j: (j[0], j[2], j[3]),  # [C, H, Dh] each -> [C, 3, H, Dh]
     "npz_qkv_bias": lambda j: (j[1], j[2]),  # [H, Dh] each -> [3, H, Dh]
+    "linear_heads": lambda j: (j[1] * j[2], j[0]),  # torch Linear [H*Dh, C] -> kernel [C, H, Dh]
+    "heads_bias": lambda j: (j[0] * j[1],),  # [H*Dh] -> [H, Dh]
 }
 
 _APPLY: dict[str, Callable[[list, tuple], np.ndarray]] = {
@@ -94,6 +103,8 @@ _APPLY: dict[str, Callable[[list, tuple], np.ndarray]] = {
     "split_qkv_bias": lambda a, j: np.stack(a).reshape(j),
     "npz_qkv": lambda a, j: np.stack(a, axis=1),
     "npz_qkv_bias": lambda a, j: np.stack(a, axis=0),
+    "linear_heads": lambda a, j: a[0].T.reshape(j),
+    "heads_bias": lambda a, j: a[0].reshape(j),
 }
 
 
@@ -178,6 +189,7 @@ _ANCHORS = (  # (key suffix, format)
     ("embedding/kernel", "google_vit_npz"),
     ("patch_embed.proj.weight", "timm_vit"),
     ("visual.conv1.weight", "openai_clip (or open_clip)"),
+    ("visual.layer1.0.conv1.weight", "openai_clip (or open_clip)"),
     ("embeddings.patch_embeddings.projection.weight", "hf_vit"),
     ("vision_model.embeddings.patch_embedding.weight", "hf_clip"),
 )
@@ -191,8 +203,9 @@ def guess_format(keys) -> str | None:
     return None
 
 
-def expected_shapes(model: str, config: Mapping) -> dict[str, tuple]:
-    """{'/'-path: shape} of the parameters `model(**config).init` creates (traced, nothing computed)."""
+def expected_variables(model: str, config: Mapping) -> dict[str, dict[str, tuple]]:
+    """{collection: {'/'-path: shape}} of the variables `model(**config).init` creates ('params', and
+    'batch_stats' for CLIP's ResNet towers), traced, nothing computed."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -203,39 +216,39 @@ def expected_shapes(model: str, config: Mapping) -> dict[str, tuple]:
         size = config.get("image_size") or 224
         images = jnp.zeros((1, size, size, 3), jnp.float32)
         args = (images,) if model == "ViT" else (images, jnp.zeros((1, config.get("context_length", 77)), jnp.int32))
-        shapes = jax.eval_shape(lambda: nn.meta.unbox(module.init(jax.random.key(0), *args)))["params"]
+        shapes = jax.eval_shape(lambda: nn.meta.unbox(module.init(jax.random.key(0), *args)))
     except (ValueError, TypeError) as e:
         raise ConversionError(f"the inferred model {model_desc(model, config)} is invalid: {e}") from e
-    return {p: tuple(s.shape) for p, s in traverse_util.flatten_dict(shapes, sep="/").items()}
+    return {c: {p: tuple(s.shape) for p, s in traverse_util.flatten_dict(tree, sep="/").items()}
+            for c, tree in shapes.items()}
 
 
-def assemble(src: Source, model: str, config: dict, mapping: Sequence[tuple], drop: Sequence[str],
-             notes: Sequence[str] = ()) -> Converted:
-    """Applies `mapping` [(jdjax path, source keys, kind)] and validates against the model's shapes.
+def expected_shapes(model: str, config: Mapping) -> dict[str, tuple]:
+    """{'/'-path: shape} of the parameters `model(**config).init` creates (traced, nothing computed)."""
+    return expected_variables(model, config)["params"]
 
-    `drop` are regexes of source keys ignored on purpose; any other unused key is an error.
-    """
-    from flax import traverse_util
 
-    expected = expected_shapes(model, config)
-    desc = model_desc(model, config)
+def _apply_mapping(src: Source, expected: dict[str, tuple], mapping: Sequence[tuple], desc: str,
+                   what: str) -> dict[str, np.ndarray]:
+    """{path: float32 array} of one collection: every (jdjax path, source keys, kind) built and checked
+    against `expected` ({path: shape}); `what` names the collection's entries in messages."""
     flat = {}
     for path, keys, kind in mapping:
         if path not in expected:
             raise ConversionError(
-                f"{src.fmt} keys {list(keys)} map to jdjax parameter {path!r}, which {desc} does not have; "
+                f"{src.fmt} keys {list(keys)} map to jdjax {what} {path!r}, which {desc} does not have; "
                 "check --model and the explicit dims."
             )
         j = expected[path]
         want = _SRC_SHAPE[kind](j)
         arrays = []
         for key in keys:
-            a = src.get(key, f"jdjax parameter {path!r}")
+            a = src.get(key, f"jdjax {what} {path!r}")
             if tuple(a.shape) != tuple(want):
                 origin = src.provenance(key)
                 raise ConversionError(
                     f"{src.fmt} key {key!r} has shape {tuple(a.shape)}, but {desc} needs shape {tuple(want)} there "
-                    f"(jdjax parameter {path!r} of shape {j}{'; ' + origin if origin else ''}). "
+                    f"(jdjax {what} {path!r} of shape {j}{'; ' + origin if origin else ''}). "
                     "Check --model / --num_heads / the dims, or the file (damaged, or another model)."
                 )
             src.used.add(key)
@@ -246,7 +259,23 @@ def assemble(src: Source, model: str, config: dict, mapping: Sequence[tuple], dr
         flat[path] = value
     missing = sorted(set(expected) - set(flat))
     if missing:  # the mapping does not cover the model: a converter bug or an unsupported option
-        raise ConversionError(f"no {src.fmt} key provides the jdjax parameters {missing} of {desc}.")
+        raise ConversionError(f"no {src.fmt} key provides the jdjax {what}s {missing} of {desc}.")
+    return flat
+
+
+def assemble(src: Source, model: str, config: dict, mapping: Sequence[tuple], drop: Sequence[str],
+             notes: Sequence[str] = (), stats_mapping: Sequence[tuple] = ()) -> Converted:
+    """Applies `mapping` [(jdjax path, source keys, kind)] to the parameters and `stats_mapping` (same form)
+    to the 'batch_stats' collection, and validates both against the model's shapes.
+
+    `drop` are regexes of source keys ignored on purpose; any other unused key is an error.
+    """
+    from flax import traverse_util
+
+    expected = expected_variables(model, config)
+    desc = model_desc(model, config)
+    params = _apply_mapping(src, expected["params"], mapping, desc, "parameter")
+    stats = _apply_mapping(src, expected.get("batch_stats", {}), stats_mapping, desc, "batch statistic")
     drop_rx = [re.compile(d) for d in drop]
     dropped, unexpected = [], []
     for key in sorted(src.arrays):
@@ -260,6 +289,5 @@ def assemble(src: Source, model: str, config: dict, mapping: Sequence[tuple], dr
             f"unexpected {src.fmt} keys that {desc} has no place for: {shapes}{more}. The checkpoint has parts "
             "this model does not (another architecture, extra layers, or a different --model / depth)."
         )
-    return Converted(traverse_util.unflatten_dict(flat, sep="/"), model, dict(config), src.fmt, tuple(dropped), tuple(notes))
-
-
+    return Converted(traverse_util.unflatten_dict(params, sep="/"), model, dict(config), src.fmt, tuple(dropped),
+                     tuple(notes), traverse_util.unflatten_dict(stats, sep="/"))

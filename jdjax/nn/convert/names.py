@@ -57,16 +57,14 @@ def vit_name_config(name: str) -> dict:
 
 
 def clip_name_config(name: str) -> tuple[dict, str | None]:
-    """CLIP dims from 'ViT-B/32', 'ViT-B-32-quickgelu', 'ViT-L-14-336', 'ViT-L/14@336px' or
-    'openai/clip-vit-base-patch32' -> (kwargs (all dims, or only the head counts for open_clip's big
-    models), activation implied by an open_clip name or None)."""
+    """CLIP dims from 'ViT-B/32', 'ViT-B-32-quickgelu', 'ViT-L-14-336', 'ViT-L/14@336px', 'RN50',
+    'RN50-quickgelu', 'RN101', 'RN50x4' or 'openai/clip-vit-base-patch32' -> (kwargs (all dims, or only the
+    head counts for open_clip's big models), activation implied by an open_clip name or None)."""
     from jdjax.nn.clip import clip_config
 
     n = name.strip()
     activation = "quick_gelu" if n.endswith("-quickgelu") else None
     n = n.removesuffix("-quickgelu")
-    if re.match(r"RN\d", n):
-        raise ConversionError(f"{name!r} is a ResNet CLIP; only ViT CLIP models are supported.")
     m = re.search(r"clip-vit-(base|large)-patch(\d+)(?:-(\d+))?", n, re.IGNORECASE)
     if m:
         n = f"ViT-{_VIT_SIZE_WORDS[m.group(1).lower()]}/{m.group(2)}" + (f"@{m.group(3)}px" if m.group(3) else "")
@@ -81,7 +79,7 @@ def clip_name_config(name: str) -> tuple[dict, str | None]:
         return clip_config(n), activation
     except ValueError as e:
         raise ConversionError(
-            f"unknown CLIP model name {name!r}: {e} open_clip names like 'ViT-B-32-quickgelu', 'ViT-H-14' and "
+            f"unknown CLIP model name {name!r}: {e} open_clip names like 'ViT-B-32-quickgelu', 'RN50', 'ViT-H-14' and "
             "Hugging Face names like 'openai/clip-vit-base-patch32' work too; or give --num_heads / --text_heads."
         ) from e
 
@@ -139,16 +137,18 @@ def finish_vit_config(cfg: dict, model: str | None, overrides: dict, fmt: str, n
 
 def finish_clip_config(cfg: dict, model: str | None, overrides: dict, fmt: str, notes: list) -> dict:
     """Shape-inferred CLIP dims + the model name's dims / activation + overrides -> CLIP kwargs
-    (CLIP_KEYS); missing head counts are width // 64 as OpenAI's (a note is appended)."""
+    (CLIP_KEYS); missing head counts are width // 64 as OpenAI's (a ResNet's attention pool: 32 x the stem
+    width // 64), and a note is appended."""
     if model:
         named, act = clip_name_config(model)
         cfg.update(named)
         if act:
             cfg["activation"] = act
     cfg.update(overrides)
+    resnet = isinstance(cfg["vision_layers"], (tuple, list))  # heads over the attention pool's 32 x stem width
     for tower, width_key in (("vision_heads", "vision_width"), ("text_heads", "text_width")):
         if cfg.get(tower) is None:
-            width = cfg[width_key]
+            width = cfg[width_key] * (32 if resnet and tower == "vision_heads" else 1)
             wide_heads = fmt == "open_clip" and tower == "vision_heads" and width in (1280, 1408, 1664)
             if width % 64 or width < 64 or wide_heads:
                 flag = "--num_heads" if tower == "vision_heads" else "--text_heads"

@@ -1,6 +1,7 @@
 """Converted checkpoints on disk: `dst/params/` (an orbax checkpoint of the bare parameter tree, no
-{'params': ...} wrapper) and `dst/model.json` (the model class, its keyword arguments, the source
-format and the dropped keys). Written under a temporary name and renamed when complete.
+{'params': ...} wrapper), for models with BatchNorm (CLIP's ResNet towers) `dst/batch_stats/` (the
+running statistics, same form), and `dst/model.json` (the model class, its keyword arguments, the
+source format and the dropped keys). Written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -17,16 +18,25 @@ from jdjax.nn.convert.readers import ConversionError
 
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
+BATCH_STATS_DIR = "batch_stats"
+
+
+def _save_trees(converted: Converted, dst) -> None:
+    """The orbax checkpoints of `converted`: dst/params and, if any, dst/batch_stats."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(dst / PARAMS_DIR, converted.params)
+        if converted.batch_stats:
+            ckptr.save(dst / BATCH_STATS_DIR, converted.batch_stats)
 
 
 def save_converted(converted: Converted, dst, overwrite: bool = False, source: str | None = None) -> str:
-    """Writes `dst/params` (orbax) and `dst/model.json`; `dst` may be local or a gs:// URI.
+    """Writes `dst/params` (+ `dst/batch_stats`) (orbax) and `dst/model.json`; `dst` may be local or a gs:// URI.
 
     Locally the directory is written under a temporary name and renamed when complete; in a
     bucket (no directory rename) model.json is written last, so a directory without it is never
     taken for a checkpoint (`read_info` refuses it)."""
-    import orbax.checkpoint as ocp
-
     dst = io.as_path(dst)
     if dst.exists() and not overwrite:
         raise ConversionError(f"--dst={dst} already exists; choose a new directory or pass --overwrite.")
@@ -35,8 +45,7 @@ def save_converted(converted: Converted, dst, overwrite: bool = False, source: s
     if io.is_remote(dst):
         if dst.exists():
             dst.rmtree()
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(dst / PARAMS_DIR, converted.params)
+        _save_trees(converted, dst)
         io.write_text(dst / MODEL_JSON, json.dumps(info, indent=2, sort_keys=True))
         return str(dst)
     tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
@@ -44,8 +53,7 @@ def save_converted(converted: Converted, dst, overwrite: bool = False, source: s
         tmp.rmtree()
     try:
         tmp.mkdir()
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / PARAMS_DIR, converted.params)
+        _save_trees(converted, tmp)
         io.write_text(tmp / MODEL_JSON, json.dumps(info, indent=2, sort_keys=True))
         if dst.exists():
             old = dst.with_name(f"{dst.name}.old-{os.getpid()}")
@@ -62,27 +70,24 @@ def save_converted(converted: Converted, dst, overwrite: bool = False, source: s
 
 
 def read_info(path) -> dict:
-    """The model.json of a converted checkpoint directory (local or gs://)."""
+    """The model.json of a converted checkpoint directory (local or gs://); JSON lists in its config
+    (vision_layers of a ResNet CLIP, an (h, w) image_size) come back as the tuples the models take."""
     file = io.as_path(path) / MODEL_JSON
     if not file.exists():
         raise ConversionError(
             f"{path} is not a converted checkpoint (no {MODEL_JSON}); create one with "
             "`python -m jdjax.tools.convert --format=... --src=... --dst=...`."
         )
-    return io.read_json(file)
+    info = io.read_json(file)
+    info["config"] = {k: tuple(v) if isinstance(v, list) else v for k, v in info["config"].items()}
+    return info
 
 
-def load_params(path) -> dict:
-    """The parameter tree (NumPy float32, no {'params': ...} wrapper) of a converted checkpoint.
-
-    `path` is the directory written by the converter (or its `params/` orbax directory)."""
+def _restore(ckpt) -> dict:
+    """An orbax tree as NumPy float32; unreadable files raise ConversionError."""
     import jax
     import orbax.checkpoint as ocp
 
-    path = io.as_path(path)
-    ckpt = path / PARAMS_DIR if (path / PARAMS_DIR).is_dir() else path
-    if not ckpt.is_dir():
-        raise ConversionError(f"{path} does not exist or is not a converted checkpoint directory.")
     try:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(ckpt)
@@ -94,16 +99,32 @@ def load_params(path) -> dict:
     return jax.tree.map(lambda v: np.asarray(v, dtype=np.float32), restored)
 
 
+def load_params(path) -> dict:
+    """The trees of a converted checkpoint (NumPy float32): the bare parameter tree (no {'params': ...}
+    wrapper), or {'params': ..., 'batch_stats': ...} when it holds BatchNorm statistics (CLIP's ResNet
+    towers): the variables of `model.apply` as they are.
+
+    `path` is the directory written by the converter (or its `params/` orbax directory: the parameters only)."""
+    path = io.as_path(path)
+    ckpt = path / PARAMS_DIR if (path / PARAMS_DIR).is_dir() else path
+    if not ckpt.is_dir():
+        raise ConversionError(f"{path} does not exist or is not a converted checkpoint directory.")
+    params = _restore(ckpt)
+    if ckpt != path and (path / BATCH_STATS_DIR).is_dir():
+        return {"params": params, "batch_stats": _restore(path / BATCH_STATS_DIR)}
+    return params
+
+
 def load_converted(path: str, format: str | None = None, **convert_kwargs) -> tuple[dict, dict]:
-    """(params, model_kwargs) for a converted checkpoint directory: `ViT(**kwargs)` / `CLIP(**kwargs)`
-    with `{'params': params}` reproduces the source model (read_info(path)['model'] says which).
+    """(trees, model_kwargs) for a converted checkpoint directory: `ViT(**kwargs)` / `CLIP(**kwargs)` with
+    `{'params': trees}` (or `trees` itself when it is {'params': ..., 'batch_stats': ...}, see `load_params`)
+    reproduces the source model (read_info(path)['model'] says which).
 
     A raw source (file, or save_pretrained directory for hf_*) works too when `format` is given
-    (a `.npz` file defaults to google_vit_npz): it is converted in memory
+    (a `.npz` file defaults to google_vit_npz): it is converted in memory, same return form
     (e.g. `config.init_from='imagenet21k_ViT-L_16.npz'`)."""
     if format or (os.path.isfile(path) and path.endswith(".npz")):
         c = convert(path, format or "google_vit_npz", **convert_kwargs)
-        return c.params, dict(c.config)
+        return (c.variables() if c.batch_stats else c.params), dict(c.config)
     info = read_info(path)
     return load_params(path), dict(info["config"])
-
