@@ -150,6 +150,7 @@ def test_relation_file_of_the_wrong_size_is_refused(tmp_path, data):
         scpnet.relation_matrix(config, data, None)
 
 
+@pytest.mark.slow  # about 2 minutes on quiet cores (three compiled train steps); the CI's slow step runs it
 def test_embedded_recipe_end_to_end_and_rerun_skips(tmp_path):
     """Pretraining, export with BatchNorm statistics, two methods, the comparison; a rerun reads it back."""
     config = smoke("--config.method=scpnet,assume_negative")
