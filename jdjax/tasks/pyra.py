@@ -40,15 +40,12 @@ TRAINABLE = lora_trainable_pattern(("head", "pyra"))
 PYRA_PARAMS = r"(^|/)pyra_"
 
 
-def _words(value: str) -> list[str]:
-    return [w.strip() for w in str(value).split(",") if w.strip()]
-
 
 def runs(config) -> list[tuple[str, str]]:
     """The (method, compression) pairs to train, in order; dense 'lora' has compression 'dense'."""
-    methods = _words(config.method)
+    methods = sweep.run_names(config.method)
     out = [("lora", "dense")] if "lora" in methods else []
-    for compression in _words(config.compression):
+    for compression in sweep.run_names(config.compression):
         out += [(m, compression) for m in methods if m != "lora"]
     return out
 
@@ -239,11 +236,8 @@ def loop_configs(config) -> list:
 
 
 def validate(config) -> list[str]:
-    errors = []
-    for method in _words(config.method) or [""]:
-        if method not in METHODS:
-            errors.append(f"method={config.method!r}: each of its comma-separated words must be one of {METHODS}.")
-    for compression in _words(config.compression) or [""]:
+    errors = sweep.run_name_errors("method", config.method, METHODS)
+    for compression in sweep.run_names(config.compression) or [""]:
         if compression not in COMPRESSIONS:
             errors.append(f"compression={config.compression!r}: use 'low', 'high' or 'low,high'.")
     try:

@@ -77,9 +77,6 @@ METHODS = {
 }
 
 
-def _words(value: str) -> list[str]:
-    return [w.strip() for w in str(value).split(",") if w.strip()]
-
 
 # ----------------------------------------------------------------------------- data and tokens
 
@@ -389,7 +386,7 @@ def export_backbone(config, data, workdir: str, results: dict) -> str:
 
 def comparison(config, results: dict[str, dict]) -> list[dict]:
     rows = []
-    for name in _words(config.method):
+    for name in sweep.run_names(config.method):
         r = results[name]
         rows.append({"run": name, "selected_step": r.get("selected_step"), "selected_weights": r.get("selected_weights"),
                      "trainable_params": r.get("trainable_params"),
@@ -422,7 +419,7 @@ def run(config, workdir: str) -> dict:
     from jdjax.train.loop import train_and_evaluate
 
     data = load_data(config.data)
-    names = _words(config.method)
+    names = sweep.run_names(config.method)
     log = print if is_main_process() else None
 
     def jobs(backbone: str) -> list[sweep.Job]:
@@ -472,10 +469,7 @@ def loop_configs(config) -> list:
 
 
 def validate(config) -> list[str]:
-    errors = []
-    for name in _words(config.method) or [""]:
-        if name not in METHODS:
-            errors.append(f"method={config.method!r}: each comma-separated word must be one of {sorted(METHODS)}.")
+    errors = sweep.run_name_errors("method", config.method, sorted(METHODS))
     d, s, m = config.data, config.scpnet, config.model
     if d.name != "shape_scenes" and d.name not in multilabel.READERS:
         errors.append(f"data.name={d.name!r}: use 'shape_scenes' (generated) or one of {sorted(multilabel.READERS)}.")

@@ -51,9 +51,6 @@ METRIC_NAMES = ("R1", "R5", "R10", "MdR", "MnR", "RSum")
 ZERO_SHOT_TEMPLATE = "a {} {}"  # colour, shape: the frame classes of the pretraining stage
 
 
-def _words(value: str) -> list[str]:
-    return [w.strip() for w in str(value).split(",") if w.strip()]
-
 
 def temporal_config(config, method: str) -> TemporalConfig:
     """dense: no merging (mean pooling); imgme: ImgMe r in every layer; tempme: the config's."""
@@ -203,7 +200,7 @@ def transfer_task(config, method: str, backbone: str, log=None) -> Task:
 
 def build(config) -> Task:
     """The first run of `config` from `config.init_from` (the loop's entry; `run` does them all)."""
-    return transfer_task(config, _words(config.method)[0], config.init_from)
+    return transfer_task(config, sweep.run_names(config.method)[0], config.init_from)
 
 
 # ----------------------------------------------------------------------------- pretraining
@@ -292,7 +289,7 @@ def ms_per_video(config, methods: list[str], batch: int = 16, rounds: int = 7) -
 def comparison(config, results: dict[str, dict], speed: dict[str, float]) -> list[dict]:
     vocab = make_tokenizer(config.data).vocab_size
     rows = []
-    for method in _words(config.method):
+    for method in sweep.run_names(config.method):
         model = build_model(config, method, vocab)
         r = results[method]
         row = {"run": method, "selected_step": r.get("selected_step"), "trainable_params": r["trainable_params"]}
@@ -341,7 +338,7 @@ def transfer_job(config, method: str, backbone: str) -> sweep.Job:
 
 def run(config, workdir: str) -> dict:
     """Pretrains if needed, trains every method, writes and prints the comparison."""
-    methods = _words(config.method)
+    methods = sweep.run_names(config.method)
     out = sweep.run_from_backbone(
         workdir, config.init_from, pretrain_job(config), lambda d, r: export_backbone(config, d, r),
         lambda backbone: [transfer_job(config, m, backbone) for m in methods], desc="tempme")
@@ -361,10 +358,7 @@ def loop_configs(config) -> list:
 
 
 def validate(config) -> list[str]:
-    errors = []
-    for method in _words(config.method) or [""]:
-        if method not in METHODS:
-            errors.append(f"method={config.method!r}: each of its comma-separated words must be one of {METHODS}.")
+    errors = sweep.run_name_errors("method", config.method, METHODS)
     if config.mode not in MODES:
         errors.append(f"mode={config.mode!r} must be one of {MODES}.")
     try:

@@ -53,6 +53,19 @@ class SweepResult:
     failed: dict[str, str]  # job name -> error
 
 
+def run_names(value) -> list[str]:
+    """A config's comma-separated list of runs ('dense, tempme' -> ['dense', 'tempme'])."""
+    return [w.strip() for w in str(value).split(",") if w.strip()]
+
+
+def run_name_errors(field: str, value, known) -> list[str]:
+    """The config error for a run list `value` (config field `field`) holding a word outside `known`
+    (an empty list is one)."""
+    if run_names(value) and all(w in known for w in run_names(value)):
+        return []
+    return [f"{field}={value!r}: each of its comma-separated words must be one of {tuple(known)}."]
+
+
 def read_results(workdir) -> dict | None:
     """The results.json in `workdir` (str, pathlib or epath path) if its job completed, else None."""
     path = as_path(workdir) / RESULTS_FILE
