@@ -39,6 +39,13 @@ setup(
         "pyarrow>=14",  # Parquet multi-scene click logs (data/clicklog.py)
         "safetensors>=0.4",  # .safetensors checkpoints in the converters
         "av>=12",  # PyAV: decoding the text-video retrieval videos (data/video.py)
+        "sentencepiece>=0.2",  # subword vocabularies for the text methods (data/text.py)
+        "jieba>=0.42",  # Chinese word segmentation (data/text.py)
+        "bm25s>=0.2",  # BM25 retrieval of similar dialogue contexts (data/dialogue.py)
+        # embedded data: the English chatterbot conversations (data/dialogue.py); 1.2 pins PyYAML < 4
+        "chatterbot-corpus>=1.3",
+        "PyYAML>=6",  # reading the chatterbot YAML files (data/dialogue.py)
+        "sacrebleu>=2.4",  # corpus BLEU of generated text (metrics/text.py)
     ],
     extras_require={
         # The test extra installs what the reader and parity tests need, so CI runs them all.

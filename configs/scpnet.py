@@ -92,19 +92,19 @@ def get_config(arg=None):
             hard_k=4, kappa=1.0, lambda_u=0.125,  # PESSL
             splc_margin=1.0, splc_tau=0.6, focal_gamma=2.0, splc_start_epoch=1,
             bn_train_start_epoch=1,  # BatchNorm on its running statistics before this epoch (official)
-            gcn_lr=1e-3,
+            gcn_lr=1e-4,
             epochs=5, total_epochs=5, eval_every_epochs=1,
             ema_epoch_decay=0.82,  # the EMA's decay per epoch (0 = no EMA); per step 0.82 ** (1 / steps per epoch)
         )
     )
     c.batch_size = 64
     c.eval_batch_size = 250
-    c.optimizer.update(name="adam_l2", schedule="onecycle", learning_rate=1e-3, weight_decay=1e-4, grad_clip_norm=0.0)
+    c.optimizer.update(name="adam_l2", schedule="onecycle", learning_rate=1e-4, weight_decay=1e-4, grad_clip_norm=0.0)
     c.checkpoint.update(best_metric="val/mAP", best_mode="max")
 
     # The embedded backbone: a small CLIP trained on the captioned 'pretrain' scenes.
     c.pretrain = ml_collections.ConfigDict(
-        dict(num_train_steps=500, batch_size=64, learning_rate=3e-3, weight_decay=0.1, eval_every_steps=125)
+        dict(num_train_steps=800, batch_size=64, learning_rate=3e-3, weight_decay=0.1, eval_every_steps=200)
     )
 
     if args.vit:  # the same recipe with a ViT image tower

@@ -1,4 +1,5 @@
-"""Multi-head self-attention with an optional additive key bias (proportional attention) and LoRA."""
+"""Multi-head self-attention with an optional additive key bias (proportional attention) and LoRA,
+and query-over-memory attention with a decoding cache (encoder-decoder models)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,20 @@ Dtype = Any
 def logical(init, axes: tuple):
     """Shorthand for an initializer annotated with logical axis names."""
     return nn.with_logical_partitioning(init, axes)
+
+
+def output_projection(module: nn.Module, heads, width: int):
+    """The heads [B, N, H, Dh] projected back to [B, N, width] by `module`'s submodule 'out'
+    (kernel [H, Dh, C], bias [C]); call it inside the module's compact __call__."""
+    return nn.DenseGeneral(
+        width,
+        axis=(-2, -1),
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        kernel_init=logical(module.out_kernel_init, ("heads", "kv", "embed")),
+        bias_init=logical(nn.initializers.zeros, ("embed",)),
+        name="out",
+    )(heads)
 
 
 class MultiHeadAttention(nn.Module):
@@ -85,15 +100,78 @@ class MultiHeadAttention(nn.Module):
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [B, H, N, N]
         weights = nn.Dropout(self.attention_dropout)(weights, deterministic=deterministic)
         heads = jnp.einsum("bhqk,bkhd->bqhd", weights, v)  # [B, N, H, Dh]
-        out = nn.DenseGeneral(
-            c,
-            axis=(-2, -1),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=logical(self.out_kernel_init, ("heads", "kv", "embed")),
-            bias_init=logical(nn.initializers.zeros, ("embed",)),
-            name="out",
-        )(heads)  # [B, N, C]
+        out = output_projection(self, heads, c)  # [B, N, C]
         if self.lora.applies_to("out"):
             out = out + lora_delta(self.lora, "out", heads, (c,), ("heads", "kv"), ("embed",), **lora_kw)
         return out, k
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries `x` over `memory` (default `x`), with an optional K/V cache.
+
+    One module for a decoder's causal self-attention (memory None, causal mask from the caller,
+    `cache` for incremental decoding) and its cross-attention over encoder states (padding mask).
+    Parameters, ParlAI's q_lin / k_lin / v_lin / out_lin split by heads:
+    `query|key|value/kernel` [C or Cm, H, Dh] (+ bias [H, Dh]), `out/kernel` [H, Dh, C], `out/bias` [C].
+
+    Attributes:
+      num_heads: H; the query width C must divide by it (Dh = C // H).
+      use_bias: biases on the q/k/v projections.
+      attention_dropout: dropout on the attention weights (train mode).
+      kernel_init / out_kernel_init: initialisers of the q/k/v and output kernels (applied to the
+        flattened [in, out] matrix, as DenseGeneral does).
+    """
+
+    num_heads: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_dropout: float = 0.0
+    kernel_init: Any = nn.initializers.xavier_uniform()
+    out_kernel_init: Any = nn.initializers.xavier_uniform()
+
+    @nn.compact
+    def __call__(self, x, memory=None, mask=None, cache=None, index=None, deterministic: bool = True):
+        """Args:
+          x: [B, Nq, C] queries.
+          memory: [B, Nk, Cm] keys/values source; None attends over `x` itself.
+          mask: boolean, broadcastable to [B, H, Nq, Nk] (Nk = T with a cache); False blocks.
+          cache: optional {'key', 'value'} [B, T, H, Dh]: this call's keys/values are written at
+            positions [index, index + Nq) and the queries attend over all T slots, so `mask` must
+            block the slots not written yet.
+          index: int32 scalar write position (with `cache`).
+          deterministic: disables attention dropout.
+
+        Returns:
+          (out [B, Nq, C], weights [B, H, Nq, Nk] float32 softmax before dropout, new cache or None).
+        """
+        c = x.shape[-1]
+        if c % self.num_heads:
+            raise ValueError(f"width {c} is not divisible by num_heads={self.num_heads}.")
+        head_dim = c // self.num_heads
+        memory = x if memory is None else memory
+
+        def project(h, name):  # [B, N, C] -> [B, N, H, Dh]
+            return nn.DenseGeneral(
+                (self.num_heads, head_dim),
+                use_bias=self.use_bias,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=logical(self.kernel_init, ("embed", "heads", "kv")),
+                bias_init=logical(nn.initializers.zeros, ("heads", "kv")),
+                name=name,
+            )(h)
+
+        q, k, v = project(x, "query"), project(memory, "key"), project(memory, "value")
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype), index, axis=1)
+            cache = {"key": k, "value": v}  # [B, T, H, Dh] each
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(head_dim).astype(jnp.float32)
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1)  # [B, H, Nq, Nk]
+        dropped = nn.Dropout(self.attention_dropout)(weights.astype(self.dtype), deterministic=deterministic)
+        heads = jnp.einsum("bhqk,bkhd->bqhd", dropped, v.astype(self.dtype))  # [B, Nq, H, Dh]
+        out = output_projection(self, heads, c)  # [B, Nq, C]
+        return out, weights, cache

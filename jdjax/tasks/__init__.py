@@ -20,6 +20,7 @@ TASKS = {
     "contrastive": "jdjax.tasks.contrastive",
     "ctr": "jdjax.tasks.ctr",
     "delayed_feedback": "jdjax.tasks.delayed_feedback",
+    "dialog_cl": "jdjax.tasks.dialog_cl",
     "page_click": "jdjax.tasks.page_click",
     "pyra": "jdjax.tasks.pyra",
     "scpnet": "jdjax.tasks.scpnet",

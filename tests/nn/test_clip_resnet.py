@@ -335,6 +335,7 @@ def test_rn50_at_224_matches_open_clip():
     assert len(flat) == 2 * sum(1 for n, m in ref.visual.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
+@pytest.mark.slow  # about 30 s: two compiled ResNets per mode
 @pytest.mark.parametrize("mode", [True, False])
 def test_traced_train_switch_equals_the_static_modes(mode):
     """A traced `train` (SCPNet's epoch switch inside one compiled step) gives the static mode's output

@@ -43,6 +43,7 @@ def _batch(task, config, rows):
     return jax.tree.map(jnp.asarray, task.augment(raw, draws))
 
 
+@pytest.mark.slow  # about 30 s: compiles the three-view SCPNet train step
 def test_train_step_switches_splc_and_batchnorm_at_their_epochs_and_fills_the_bank(data):
     config = smoke()
     task = _task(config, data)
