@@ -46,6 +46,7 @@ setup(
         "chatterbot-corpus>=1.3",
         "PyYAML>=6",  # reading the chatterbot YAML files (data/dialogue.py)
         "sacrebleu>=2.4",  # corpus BLEU of generated text (metrics/text.py)
+        "rouge-score>=0.1.2",  # ROUGE-L of generated product descriptions (metrics/generation.py)
     ],
     extras_require={
         # The test extra installs what the reader and parity tests need, so CI runs them all.

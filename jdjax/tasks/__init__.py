@@ -22,6 +22,7 @@ TASKS = {
     "delayed_feedback": "jdjax.tasks.delayed_feedback",
     "dialog_cl": "jdjax.tasks.dialog_cl",
     "page_click": "jdjax.tasks.page_click",
+    "prodgen": "jdjax.tasks.prodgen",
     "pyra": "jdjax.tasks.pyra",
     "scpnet": "jdjax.tasks.scpnet",
     "tempme": "jdjax.tasks.tempme",

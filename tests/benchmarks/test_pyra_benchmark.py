@@ -14,6 +14,9 @@ from benchmarks import pyra as bench
 from configs import pyra as pyra_config
 from jdjax.merging import flops, schedules
 
+# The benchmark's own smoke run compiles real models (1-2 minutes): CI runs it in the slow step.
+pytestmark = pytest.mark.slow
+
 # Compiles ~2.5x faster than XLA's default; these timings mean nothing anyway.
 FAST = {"xla_backend_optimization_level": 0}
 LABELS = ["lora", "tome-low", "pyra-low", "tome-high", "pyra-high"]

@@ -18,6 +18,9 @@ from benchmarks import scpnet_rn50 as bench
 from jdjax import testing
 from jdjax.nn.clip import clip_config
 
+# The benchmark's own smoke run compiles real models (1-2 minutes): CI runs it in the slow step.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("open_clip")
 CASES = ["jdjax b2", "torch b2"]
 ENV_KEYS = ("benchmark", "case", "command", "device", "device_count", "jax", "python", "machine", "date", "notes",

@@ -21,6 +21,9 @@ from benchmarks import tempme as bench
 from jdjax import testing
 from jdjax.merging import flops, tempme
 
+# The benchmark's own smoke run compiles real models (1-2 minutes): CI runs it in the slow step.
+pytestmark = pytest.mark.slow
+
 HAVE_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
 METHODS = ["dense", "imgme", "tempme"]
 INFER = [f"{m} b{b}" for m in METHODS for b in (2, 1)] + (["torch-dense b2", "torch-dense b1"] if HAVE_TORCH else [])

@@ -145,6 +145,7 @@ def test_generated_data_and_word_tokens():
     assert len(frames["train"]) == cfg.data.num_train * cfg.data.num_frames and prompts.shape == (12, 16)
 
 
+@pytest.mark.slow  # about 75 s: the embedded recipe's three stages at smoke size
 def test_recipe_end_to_end(tmp_path):
     """The smoke recipe through the command line: pretraining, two methods, the comparison table."""
     workdir = str(tmp_path / "run")

@@ -1,0 +1,65 @@
+"""The product-description task: encoding into the task's arrays, config checks, the smoke recipe."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from configs import prodgen as prodgen_config
+from jdjax import tasks
+from jdjax.data import products as prod
+from jdjax.data import text
+from jdjax.tasks import prodgen
+
+
+def test_encode_indexes_every_split_globally_and_counts_reviews(tmp_path):
+    c = prodgen_config.get_config("smoke")
+    splits = prodgen.load_products(c.data)
+    vocab = prodgen.load_vocab(c.data, splits["train"], str(tmp_path))
+    enc = prodgen.encode(c, vocab, splits)
+    offset = 0
+    for split, items in splits.items():
+        a = enc.arrays[split]
+        np.testing.assert_array_equal(a["index"], np.arange(offset, offset + len(items)))
+        np.testing.assert_array_equal(a["num_reviews"], [len(p.reviews) for p in items])
+        assert all(enc.products[offset + k] is p for k, p in enumerate(items))
+        offset += len(items)
+    # Copied ids decode to the product's own words: the model token is a source OOV word.
+    p, a = splits["test"][0], enc.arrays["test"]
+    ext = a["source_ext"][0]
+    words = enc.oov_words[int(a["index"][0])]
+    assert set(prod.decode_extended(vocab, ext[ext >= vocab.size], words).split()) == set(words)
+    assert any(w in p.title.lower() for w in words)
+    assert text.WordVocab.load(os.path.join(tmp_path, "vocab.json")).size == vocab.size  # reused on resume
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"method": "full,gpt"}, "method"),
+    ({"data.name": "jd"}, "data.name"),
+    ({"data.name": "dir", "data.data_dir": "/nonexistent"}, "not a directory"),
+    ({"model.review_select": "hard"}, "review_select"),
+    ({"data.max_target": 500}, "max_positions"),
+])
+def test_bad_configs_are_named(override, message):
+    c = prodgen_config.get_config("smoke")
+    for k, v in override.items():
+        if "." in k:
+            section, key = k.split(".")
+            c[section][key] = v
+        else:
+            c[k] = v
+    assert any(message in e for e in tasks.validate(c))
+
+
+@pytest.mark.slow  # about 2-4 minutes: compiles two models' train steps and beam searches
+def test_smoke_recipe_writes_the_table(tmp_path):
+    c = prodgen_config.get_config("smoke")
+    out = tasks.run(c, str(tmp_path))
+    assert out["status"] == "completed"
+    rows = json.load(open(os.path.join(tmp_path, "comparison.json")))
+    assert [r["run"] for r in rows] == ["transformer", "full"]
+    for r in rows:
+        assert all(math.isfinite(r[f"test/{k}"]) for _, k in prodgen.COLUMNS)
+    assert "| full |" in open(os.path.join(tmp_path, "comparison.md")).read()
