@@ -29,6 +29,7 @@ a resumed run reads the ids it started with. Files are written atomically (`jdja
 from __future__ import annotations
 
 import io
+import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -245,6 +246,18 @@ def build_vocab(kind: str, texts: Iterable[str], path, **options) -> Vocab:
         vocab.save(path)
         return vocab
     return SentencePieceVocab.train(texts, path, **options)
+
+
+def workdir_vocab(data_cfg, train_texts: Iterable[str], workdir, sentencepiece_texts: Iterable[str] | None = None):
+    """The vocabulary a task's `data_cfg` asks for (`vocab` 'word' with `vocab_size` as max_size,
+    `min_count`, `chinese`; or 'sentencepiece' of `vocab_size` pieces), built from the training texts
+    into workdir/vocab.json or vocab.model once and read back on resume. `sentencepiece_texts`
+    replaces `train_texts` for SentencePiece (default: the same texts)."""
+    if data_cfg.vocab == "word":
+        return build_vocab("word", train_texts, os.path.join(workdir, "vocab.json"), max_size=data_cfg.vocab_size,
+                           min_count=data_cfg.min_count, chinese=data_cfg.chinese or None)
+    texts = train_texts if sentencepiece_texts is None else sentencepiece_texts
+    return build_vocab("sentencepiece", texts, os.path.join(workdir, "vocab.model"), vocab_size=data_cfg.vocab_size)
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], max_len: int, pad_id: int = PAD_ID, truncate: str = "left") -> np.ndarray:

@@ -70,13 +70,8 @@ def load_dialogues(data_cfg) -> dict[str, list[dialogue.DialogueExample]]:
 
 
 def load_vocab(data_cfg, train: list[dialogue.DialogueExample], workdir: str):
-    """The training split's vocabulary, built once into the workdir and read back on resume."""
-    if data_cfg.vocab == "word":
-        return text.build_vocab("word", dialogue.dialogue_texts(train), os.path.join(workdir, "vocab.json"),
-                                max_size=data_cfg.vocab_size, min_count=data_cfg.min_count,
-                                chinese=data_cfg.chinese or None)
-    return text.build_vocab("sentencepiece", dialogue.dialogue_texts(train), os.path.join(workdir, "vocab.model"),
-                            vocab_size=data_cfg.vocab_size)
+    """The training split's vocabulary (jdjax.data.text.workdir_vocab), stable across resume."""
+    return text.workdir_vocab(data_cfg, dialogue.dialogue_texts(train), workdir)
 
 
 def encode_split(vocab, examples, data_cfg) -> dict[str, np.ndarray]:

@@ -67,13 +67,9 @@ def load_products(data_cfg) -> dict[str, list[prod.Product]]:
 
 
 def load_vocab(data_cfg, train: list[prod.Product], workdir: str):
-    """The training split's vocabulary, built once into the workdir and read back on resume."""
-    if data_cfg.vocab == "word":
-        return text.build_vocab("word", prod.vocab_texts(train), os.path.join(workdir, "vocab.json"),
-                                max_size=data_cfg.vocab_size, min_count=data_cfg.min_count,
-                                chinese=data_cfg.chinese or None)
-    return text.build_vocab("sentencepiece", prod.product_texts(train), os.path.join(workdir, "vocab.model"),
-                            vocab_size=data_cfg.vocab_size)
+    """The training split's vocabulary (jdjax.data.text.workdir_vocab), stable across resume; word
+    counts once per product, SentencePiece trains on every text."""
+    return text.workdir_vocab(data_cfg, prod.vocab_texts(train), workdir, prod.product_texts(train))
 
 
 @dataclasses.dataclass
