@@ -43,7 +43,8 @@ def get_config(arg=None):
     c.model = ml_collections.ConfigDict(
         dict(
             num_layers=2, width=128, num_heads=4, mlp_dim=256, max_positions=64, dropout=0.1,  # spec [R]: 4-6, 512, 8
-            share_encoder=True, review_select="soft", gumbel_temperature=1.0,  # [R] choices (jdjax/models/prodgen.py)
+            share_encoder=True, review_select="soft", review_memory="selected",
+            gumbel_temperature=1.0,  # [R] choices (jdjax/models/prodgen.py)
             dtype="float32",
         )
     )

@@ -27,7 +27,8 @@ all zeros):
              (straight-through, G ~ Gumbel from the 'dropout' RNG stream; inference: argmax_j p_j)
     c_rev = sum_j w_j k_j  [B, D]              H^r_sel = sum_j w_j H^r_j  [B, Lrev, D]
     g = sigmoid(w_g . [x; c_rev] + b_g)        (g = 1 without the gate), g = 0 exactly when M = 0
-    memory = [H; g H^r_sel]  [B, Ls + Lrev, D]; the review part is masked when M = 0, so the
+    memory = [H; g H^r_sel]  [B, Ls + Lrev, D]  (review_memory='selected'; 'all': [H; g H^r_1; ...; g H^r_M]
+             [B, Ls + M Lrev, D], every real review's tokens [R]); the review part is masked when M = 0, so the
              decoder then sees exactly the title + attribute generator's memory.
 
 Decoder: the post-LN decoder layers of `jdjax.nn.seq2seq` over the memory, tied output E [V, D]:
@@ -70,6 +71,7 @@ UNK = 3
 REVIEW_SEGMENT, TARGET_SEGMENT = 4, 5  # after the data's 0 pad, 1 title, 2 attribute key, 3 attribute value
 NUM_SEGMENTS = 6
 REVIEW_SELECTS = ("soft", "gumbel")
+REVIEW_MEMORIES = ("selected", "all")
 
 
 # ----------------------------------------------------------------------------- functions
@@ -145,6 +147,9 @@ class ProductGenerator(nn.Module):
       use_reviews: False = the title + attribute generator (no review path at all).
       use_posterior: [R] train the memory with q(j|x,y) and a KL to p (True) or with p only (False).
       review_select: [R] 'soft' (sum_j pi_j k_j) or 'gumbel' (straight-through Gumbel-softmax pick).
+      review_memory: [R] what the decoder reads of the reviews: 'selected' (the spec's reading, one
+        review's worth, H^r_sel [B, Lrev, D]) or 'all' (every real review, g [H^r_1; ...; H^r_M]
+        [B, M Lrev, D]; the selection then shapes c_rev, so the gate and the BOW loss, only).
       gumbel_temperature: tau of the Gumbel-softmax relaxation.
       use_copy: the pointer-generator over the extended vocabulary (False: P_vocab over V).
       use_gate: [R] the adaptive gate g on the review memory (False: g = 1 when reviews exist).
@@ -166,6 +171,7 @@ class ProductGenerator(nn.Module):
     use_reviews: bool = True
     use_posterior: bool = True
     review_select: str = "soft"
+    review_memory: str = "selected"
     gumbel_temperature: float = 1.0
     use_copy: bool = True
     use_gate: bool = True
@@ -177,6 +183,8 @@ class ProductGenerator(nn.Module):
             raise ValueError(f"width {self.width} is not divisible by num_heads={self.num_heads}.")
         if self.review_select not in REVIEW_SELECTS:
             raise ValueError(f"unknown review_select {self.review_select!r}; choose one of {REVIEW_SELECTS}.")
+        if self.review_memory not in REVIEW_MEMORIES:
+            raise ValueError(f"unknown review_memory {self.review_memory!r}; choose one of {REVIEW_MEMORIES}.")
         normal = nn.initializers.normal(self.width ** -0.5)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
@@ -297,13 +305,18 @@ class ProductGenerator(nn.Module):
 
         w, selected_mask = self._select(log_pi, review_mask, token_mask, train)  # [B, M], [B, Lrev]
         c_rev = jnp.einsum("bm,bmd->bd", w, k)  # [B, D]
-        hr_sel = jnp.einsum("bm,bmld->bld", w.astype(hr.dtype), hr)  # [B, Lrev, D]
         has_reviews = review_mask.any(-1)  # [B]
         g = (jax.nn.sigmoid(self.gate(jnp.concatenate([x, c_rev], axis=-1))[:, 0].astype(jnp.float32))
              if self.use_gate else jnp.ones((b,), jnp.float32))
         g = jnp.where(has_reviews, g, 0.0)  # [B]
-        memory["states"] = jnp.concatenate([h, g[:, None, None].astype(h.dtype) * hr_sel], axis=1)  # [B, Ls + Lrev, D]
-        memory["mask"] = jnp.concatenate([source_mask, selected_mask & has_reviews[:, None]], axis=1)
+        if self.review_memory == "selected":
+            hr_read = jnp.einsum("bm,bmld->bld", w.astype(hr.dtype), hr)  # [B, Lrev, D]
+            read_mask = selected_mask  # [B, Lrev]
+        else:
+            hr_read = einops.rearrange(hr, "b m l d -> b (m l) d")  # [B, M Lrev, D]
+            read_mask = einops.rearrange(token_mask, "b m l -> b (m l)")
+        memory["states"] = jnp.concatenate([h, g[:, None, None].astype(h.dtype) * hr_read], axis=1)  # [B, Ls + Lr, D]
+        memory["mask"] = jnp.concatenate([source_mask, read_mask & has_reviews[:, None]], axis=1)
         out.update(gate=g, c_rev=c_rev)
         return memory, out
 

@@ -109,7 +109,7 @@ def build_model(config, method: Method, vocab_size: int) -> pg.ProductGenerator:
         vocab_size=vocab_size, max_oov=max_oov(config), num_layers=m.num_layers, width=m.width,
         num_heads=m.num_heads, mlp_dim=m.mlp_dim, max_positions=m.max_positions, dropout=m.dropout,
         share_encoder=m.share_encoder, use_reviews=method.reviews, use_posterior=method.posterior,
-        review_select=m.review_select, gumbel_temperature=m.gumbel_temperature, use_copy=method.copy,
+        review_select=m.review_select, review_memory=m.review_memory, gumbel_temperature=m.gumbel_temperature, use_copy=method.copy,
         use_gate=method.gate, dtype=jnp.dtype(m.dtype))
 
 
@@ -123,7 +123,8 @@ def _probe(config) -> dict:
 
 
 def generation_summary(config, vocab, encoded: Encoded):
-    """summarize: BLEU-1..4, ROUGE-L, Dist-1/2 and aspect coverage, all and on the long tail."""
+    """summarize: BLEU-1..4, ROUGE-L, Dist-1/2 and aspect coverage on all products, on the long tail
+    (`tail_`: at most `long_tail_reviews` reviews) and on the rest (`reviewed_`)."""
     tail = config.long_tail_reviews
 
     def scores(hyps, refs, aspects) -> dict[str, float]:
@@ -140,10 +141,11 @@ def generation_summary(config, vocab, encoded: Encoded):
         refs = [vocab.tokenize(encoded.products[i].description) for i in idx]
         aspects = [encoded.products[i].aspects for i in idx]
         metrics = scores(hyps, refs, aspects)
-        sel = [k for k, n in enumerate(out["num_reviews"]) if n <= tail]
-        if sel:
-            metrics.update({f"tail_{k}": v for k, v in scores([hyps[k] for k in sel], [refs[k] for k in sel],
-                                                               [aspects[k] for k in sel]).items()})
+        for prefix, keep in (("tail_", lambda n: n <= tail), ("reviewed_", lambda n: n > tail)):
+            sel = [k for k, n in enumerate(out["num_reviews"]) if keep(n)]
+            if sel:
+                metrics.update({f"{prefix}{k}": v for k, v in scores([hyps[k] for k in sel], [refs[k] for k in sel],
+                                                                     [aspects[k] for k in sel]).items()})
         metrics["nll"] = float(np.sum(out["nll_sum"]) / max(float(np.sum(out["nll_count"])), 1.0))
         return metrics
 
@@ -201,7 +203,7 @@ def comparison(config, results: dict[str, dict]) -> list[dict]:
     for name in sweep.run_names(config.method):
         r = results[name]
         rows.append({"run": name, "selected_step": r.get("selected_step"),
-                     **{f"test/{p}{k}": r.get(f"test/{p}{k}") for p in ("", "tail_") for _, k in COLUMNS},
+                     **{f"test/{p}{k}": r.get(f"test/{p}{k}") for p in ("", "tail_", "reviewed_") for _, k in COLUMNS},
                      "val/bleu_4": r.get("val/bleu_4")})
     return rows
 
@@ -210,17 +212,19 @@ def format_table(config, rows: list[dict], tail_count: int) -> str:
     def num(v, key):
         return "-" if v is None else (f"{v:.3f}" if key.startswith("dist") else f"{v:.1f}")
 
-    head = "| method | " + " | ".join(h for h, _ in COLUMNS) + " | long-tail BLEU-4 | long-tail aspects | step |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 4)]
+    head = ("| method | " + " | ".join(h for h, _ in COLUMNS)
+            + " | long-tail BLEU-4 | long-tail aspects | reviewed BLEU-4 | reviewed aspects | step |")
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 6)]
     for r in rows:
         cells = " | ".join(num(r[f"test/{k}"], k) for _, k in COLUMNS)
-        lines.append(f"| {r['run']} | {cells} | {num(r['test/tail_bleu_4'], 'b')} | "
-                     f"{num(r['test/tail_aspect_coverage'], 'a')} | {r['selected_step']} |")
+        subsets = " | ".join(num(r[f"test/{p}{k}"], k) for p in ("tail_", "reviewed_") for k in ("bleu_4", "aspect_coverage"))
+        lines.append(f"| {r['run']} | {cells} | {subsets} | {r['selected_step']} |")
     return "\n".join(lines) + (
         f"\n\nTest split, beam {config.decode.beam_size}, checkpoint chosen on val BLEU-4. BLEU (sacrebleu) and ROUGE-L "
         "(rouge-score) in %, on the vocabulary's tokens with copied words restored; Dist-n over the corpus; aspects = "
         "aspect coverage (our metric): the share of the reference's user-cared aspects the output mentions, in %. "
-        f"Long tail: the {tail_count} test products with at most {config.long_tail_reviews} review(s).\n")
+        f"Long tail: the {tail_count} test products with at most {config.long_tail_reviews} review(s); reviewed: the "
+        "others. Only the reviewed products can gain from reading reviews.\n")
 
 
 def run(config, workdir: str) -> dict:
@@ -259,4 +263,6 @@ def validate(config) -> list[str]:
         errors.append(f"the longest sequence ({longest} tokens) exceeds model.max_positions={m.max_positions}.")
     if m.review_select not in pg.REVIEW_SELECTS:
         errors.append(f"model.review_select={m.review_select!r} must be one of {pg.REVIEW_SELECTS}.")
+    if m.review_memory not in pg.REVIEW_MEMORIES:
+        errors.append(f"model.review_memory={m.review_memory!r} must be one of {pg.REVIEW_MEMORIES}.")
     return errors

@@ -35,6 +35,7 @@ def rows():
     return out
 
 
+@pytest.mark.slow  # shares a module fixture that compiles and runs the whole smoke pipeline (60-80 s)
 def test_all_cases_and_columns(rows):
     assert sorted(rows) == sorted(CASES)
     keys = {"train": ["examples_per_s", "tokens_per_s", "target_fill", "source_fill", "xla_gflop", "mem_temp_mb",
@@ -111,6 +112,7 @@ def test_paper_sizes_and_caps():
         bench.run(sizes=("huge",), record=False, log=lambda *a, **k: None)
 
 
+@pytest.mark.slow  # shares a module fixture that compiles and runs the whole smoke pipeline (60-80 s)
 def test_record_goes_only_where_told(rows, tmp_path, monkeypatch):
     jsonl, md = tmp_path / "results.jsonl", tmp_path / "RESULTS.md"
     monkeypatch.setattr(harness, "RESULTS_JSONL", str(jsonl))

@@ -298,6 +298,25 @@ def test_variants(setup):
     np.testing.assert_allclose(np.exp(log_probs).sum(-1), 1.0, rtol=1e-5)
 
 
+def test_review_memory_all(setup):
+    """review_memory='all': the decoder reads every real review token (mask = reviews != 0, none without
+    reviews); with one review per product the selection weight is 1 on it, so 'all' and 'selected'
+    give the same log P (masked keys do not count) while with several reviews they differ."""
+    _, params, batch = setup
+    every = MODEL.clone(review_memory="all")
+    single = make_batch(seed=1, reviews=((0, 4, 0), (3, 0, 0), (0, 0, 0)))
+
+    def run(p):
+        return (every.apply(p, batch, method="encode")["mask"], every.apply(p, single)["log_probs"],
+                MODEL.apply(p, single)["log_probs"], every.apply(p, batch)["log_probs"], MODEL.apply(p, batch)["log_probs"])
+
+    mask, all_single, selected_single, all_batch, selected_batch = compiled(run, params)
+    np.testing.assert_array_equal(mask[:, LS:], np.asarray(batch["reviews"]).reshape(B, M * LR) != 0)
+    np.testing.assert_allclose(all_single, selected_single, rtol=1e-5, atol=1e-5)
+    assert float(np.abs(all_batch[0] - selected_batch[0]).max()) > 1e-3
+    np.testing.assert_allclose(all_batch[2], selected_batch[2], rtol=1e-5, atol=1e-5)  # no reviews: same model
+
+
 @pytest.fixture(scope="module")
 def generated(setup):
     """Beam search and greedy decoding; the batch without its target keys; a copy-dominated model on

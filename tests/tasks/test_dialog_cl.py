@@ -80,6 +80,7 @@ def recipe(tmp_path_factory):
     return c, workdir, out
 
 
+@pytest.mark.slow  # shares a module fixture that compiles and runs the whole smoke pipeline (60-80 s)
 def test_smoke_recipe_writes_the_table_with_samples(recipe):
     c, workdir, out = recipe
     assert out["status"] == "completed"
@@ -97,6 +98,7 @@ def test_smoke_recipe_writes_the_table_with_samples(recipe):
         assert os.path.exists(os.path.join(workdir, name))
 
 
+@pytest.mark.slow  # shares a module fixture that compiles and runs the whole smoke pipeline (60-80 s)
 def test_reference_is_frozen_and_the_model_starts_from_it(recipe):
     """The reference inside the contrastive run equals the reference run's selected weights at every
     saved step (checksum), while the trained model moved away from them."""
@@ -109,6 +111,7 @@ def test_reference_is_frozen_and_the_model_starts_from_it(recipe):
     assert max(moved) > 0
 
 
+@pytest.mark.slow  # shares a module fixture that compiles and runs the whole smoke pipeline (60-80 s)
 def test_validation_cl_loss_is_log2_when_model_equals_reference(recipe):
     """h = sigmoid(l_m - l_n) = 1/2 when the model is the reference, so every pair's loss is log 2
     whatever its weight s (spec invariant), through the task's own predict."""

@@ -40,6 +40,7 @@ def test_encode_indexes_every_split_globally_and_counts_reviews(tmp_path):
     ({"data.name": "jd"}, "data.name"),
     ({"data.name": "dir", "data.data_dir": "/nonexistent"}, "not a directory"),
     ({"model.review_select": "hard"}, "review_select"),
+    ({"model.review_memory": "first"}, "review_memory"),
     ({"data.max_target": 500}, "max_positions"),
 ])
 def test_bad_configs_are_named(override, message):
