@@ -28,7 +28,7 @@ Weights: N(0, 0.02^2) NumPy noise (LayerNorm scales 1 + noise; no init compile),
 the parameters they share; float32; dropout on in training as in the task. Cases per (size, method):
 
 - train: one jitted step: value_and_grad of `prodgen_loss` on `model.apply(batch, train=True)` (kl_weight =
-  loss.kl_weight, bow_weight = loss.bow_weight for `full`, 0 for the others, as the task), then the recipe's
+  loss.kl_weight, bow_weight = loss.bow_weight for the two review methods, 0 for the others, as the task), then the recipe's
   optimizer (`optim.make_optimizer(config.optimizer, num_train_steps)`). tokens_per_s = non-pad target
   tokens (end included) / s.
 - beam5: jitted `prodgen.generate` (beam 5, max_len = target length, the recipe's length penalty and n-gram
@@ -67,8 +67,8 @@ PAPER_CAPS = {"train": 4, "beam": 4}
 SMOKE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}  # --smoke compiles faster; timings mean nothing
 NOTES = (
     "ProductGenerator in the 4 methods of jdjax/tasks/prodgen.py (transformer: no reviews, no copy; "
-    "transformer_copy: + pointer-generator; reviews_prior: + review memory by the prior, gate, no BOW; full: + "
-    "posterior, KL, BOW); configs/prodgen.py: default = embedded sizes, source 16+24, 6 reviews x 24, target 48, "
+    "transformer_copy: + pointer-generator; reviews_prior: + review memory by the prior, gate, BOW; full: + "
+    "posterior, KL); configs/prodgen.py: default = embedded sizes, source 16+24, 6 reviews x 24, target 48, "
     "V 2000; paper = :paper sizes, source 30+60, 10 x 50, target 100, V 20000; extended vocab V + Ls. float32, "
     "random batches (half the products with 0-1 reviews, 0-3 OOV source words, copied into the target), random "
     "weights N(0, 0.02^2). train: jitted step (value_and_grad of prodgen_loss, the recipe's AdamW); tokens_per_s = "

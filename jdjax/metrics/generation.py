@@ -89,3 +89,20 @@ def aspect_coverage(hyps: Sequence[Sentence], aspects_per_example: Sequence[Iter
         if aspects:
             shares.append(len(mentioned_aspects(hyp, aspect_lexicon, aspects)) / len(aspects))
     return float(sum(shares) / len(shares)) if shares else math.nan
+
+
+def aspect_precision(hyps: Sequence[Sentence], aspects_per_example: Sequence[Iterable[str]],
+                     aspect_lexicon: Mapping[str, Iterable[str]]) -> float:
+    """Share of the aspects the hypotheses mention (any aspect of the lexicon) that their references
+    hold, pooled over examples: sum |mentioned & true| / sum |mentioned|; NaN when no hypothesis
+    mentions an aspect. The counterweight of `aspect_coverage`: naming every aspect a product type
+    has would cover all of them at a low precision."""
+    if len(hyps) != len(aspects_per_example):
+        raise ValueError(f"aspect_precision: {len(hyps)} hypotheses but {len(aspects_per_example)} aspect lists; "
+                         "give one list (possibly empty) per hypothesis.")
+    mentioned = true = 0
+    for hyp, aspects in zip(hyps, aspects_per_example):
+        named = mentioned_aspects(hyp, aspect_lexicon)
+        mentioned += len(named)
+        true += len(named & set(aspects))
+    return true / mentioned if mentioned else math.nan

@@ -7,8 +7,8 @@ Methods (`--config.method`, a comma list; each trains in its own sub-directory o
 
     transformer         title + attributes -> description, no reviews, no copy
     transformer_copy    + the pointer-generator copy over the source (extended vocabulary)
-    reviews_prior       + the review memory selected by the prior p(j|x) only (no posterior, no KL)
-    full                + the posterior q(j|x,y) in training, KL(q || p), the adaptive gate, BOW loss
+    reviews_prior       + the review memory selected by the prior p(j|x), the adaptive gate, the BOW loss
+    full                + the posterior q(j|x,y) in training and KL(q || p)
 
 Every run selects its checkpoint on val BLEU-4 (beam search as in the table) and is scored on test:
 BLEU-1..4, ROUGE-L, Dist-1/2 and aspect coverage (our metric: the share of the reference's
@@ -123,7 +123,7 @@ def _probe(config) -> dict:
 
 
 def generation_summary(config, vocab, encoded: Encoded):
-    """summarize: BLEU-1..4, ROUGE-L, Dist-1/2 and aspect coverage on all products, on the long tail
+    """summarize: BLEU-1..4, ROUGE-L, Dist-1/2, aspect coverage and precision on all products, on the long tail
     (`tail_`: at most `long_tail_reviews` reviews) and on the rest (`reviewed_`)."""
     tail = config.long_tail_reviews
 
@@ -133,6 +133,7 @@ def generation_summary(config, vocab, encoded: Encoded):
         out["dist_1"] = text_metrics.distinct(hyps, 1)
         out["dist_2"] = text_metrics.distinct(hyps, 2)
         out["aspect_coverage"] = 100 * generation.aspect_coverage(hyps, aspects, prod.ASPECT_PHRASES)
+        out["aspect_precision"] = 100 * generation.aspect_precision(hyps, aspects, prod.ASPECT_PHRASES)
         return out
 
     def summarize(out: dict[str, np.ndarray]) -> dict[str, float]:
@@ -195,7 +196,8 @@ def prodgen_task(config, method: Method, model: pg.ProductGenerator, vocab, enco
 # ----------------------------------------------------------------------------- the recipe
 
 COLUMNS = (("BLEU-1", "bleu_1"), ("BLEU-2", "bleu_2"), ("BLEU-3", "bleu_3"), ("BLEU-4", "bleu_4"),
-           ("ROUGE-L", "rouge_l"), ("Dist-1", "dist_1"), ("Dist-2", "dist_2"), ("aspects", "aspect_coverage"))
+           ("ROUGE-L", "rouge_l"), ("Dist-1", "dist_1"), ("Dist-2", "dist_2"), ("aspects", "aspect_coverage"),
+           ("aspect prec.", "aspect_precision"))
 
 
 def comparison(config, results: dict[str, dict]) -> list[dict]:
@@ -222,7 +224,9 @@ def format_table(config, rows: list[dict], tail_count: int) -> str:
     return "\n".join(lines) + (
         f"\n\nTest split, beam {config.decode.beam_size}, checkpoint chosen on val BLEU-4. BLEU (sacrebleu) and ROUGE-L "
         "(rouge-score) in %, on the vocabulary's tokens with copied words restored; Dist-n over the corpus; aspects = "
-        "aspect coverage (our metric): the share of the reference's user-cared aspects the output mentions, in %. "
+        "aspect coverage (our metric): the share of the reference's user-cared aspects the output mentions, in %; aspect "
+        "prec. = of all the aspects the outputs mention, the share their references hold (a model naming every aspect "
+        "would cover all at a low precision). "
         f"Long tail: the {tail_count} test products with at most {config.long_tail_reviews} review(s); reviewed: the "
         "others. Only the reviewed products can gain from reading reviews.\n")
 

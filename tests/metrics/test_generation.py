@@ -1,4 +1,4 @@
-"""Generation metrics: ROUGE-L against rouge-score's own scorer, aspect coverage on hand cases."""
+"""Generation metrics: ROUGE-L against rouge-score's own scorer, aspect coverage and precision on hand cases."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 from rouge_score import rouge_scorer
 
-from jdjax.metrics.generation import aspect_coverage, mentioned_aspects, rouge_l
+from jdjax.metrics.generation import aspect_coverage, aspect_precision, mentioned_aspects, rouge_l
 
 LEXICON = {"grip": ("grip",), "comfort": ("comfortable", "comfort"), "boil speed": ("boils quickly", "boils fast")}
 
@@ -43,3 +43,18 @@ def test_aspect_coverage_hand_cases():
         aspect_coverage(["x"], [("colour",)], LEXICON)
     with pytest.raises(ValueError, match="one list"):
         aspect_coverage(["x", "y"], [("grip",)], LEXICON)
+
+
+def test_aspect_precision_pools_the_mentions_of_every_aspect():
+    hyps = ["great grip and it boils fast", "so comfortable , great grip", "anything", "grip"]
+    aspects = [("grip",), ("comfort", "grip"), ("grip",), ()]
+    # mentions: {grip, boil speed} 1 true of 2; {comfort, grip} 2 of 2; none; {grip} 0 of 1 -> 3 / 5
+    assert aspect_precision(hyps, aspects, LEXICON) == pytest.approx(3 / 5)
+    assert aspect_precision(hyps[1:2], aspects[1:2], LEXICON) == 1.0
+    assert math.isnan(aspect_precision(["anything"], [("grip",)], LEXICON))
+    # naming every aspect covers them all but at a third of the precision
+    everything = ["grip , comfort , boils fast"]
+    assert aspect_coverage(everything, [("grip",)], LEXICON) == 1.0
+    assert aspect_precision(everything, [("grip",)], LEXICON) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="one list"):
+        aspect_precision(["x", "y"], [("grip",)], LEXICON)
