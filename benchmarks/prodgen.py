@@ -28,8 +28,8 @@ Weights: N(0, 0.02^2) NumPy noise (LayerNorm scales 1 + noise; no init compile),
 the parameters they share; float32; dropout on in training as in the task. Cases per (size, method):
 
 - train: one jitted step: value_and_grad of `prodgen_loss` on `model.apply(batch, train=True)` (kl_weight =
-  loss.kl_weight, bow_weight = loss.bow_weight for the two review methods, 0 for the others, as the task), then the recipe's
-  optimizer (`optim.make_optimizer(config.optimizer, num_train_steps)`). tokens_per_s = non-pad target
+  loss.kl_weight, bow_weight = loss.bow_weight for the two review methods, 0 for the others, as the task), then
+  the recipe's optimizer (`optim.make_optimizer(config.optimizer, num_train_steps)`). tokens_per_s = non-pad target
   tokens (end included) / s.
 - beam5: jitted `prodgen.generate` (beam 5, max_len = target length, the recipe's length penalty and n-gram
   block). With random weights the end token is rarely emitted, so decoding runs ~max_len steps (mean_out_len).

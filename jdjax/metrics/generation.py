@@ -76,13 +76,17 @@ def _phrases(aspect_lexicon: Mapping[str, Iterable[str]], aspect: str) -> Iterab
     return aspect_lexicon[aspect]
 
 
+def _check_one_list_each(metric: str, hyps: Sequence, aspects_per_example: Sequence):
+    if len(hyps) != len(aspects_per_example):
+        raise ValueError(f"{metric}: {len(hyps)} hypotheses but {len(aspects_per_example)} aspect lists; "
+                         "give one list (possibly empty) per hypothesis.")
+
+
 def aspect_coverage(hyps: Sequence[Sentence], aspects_per_example: Sequence[Iterable[str]],
                     aspect_lexicon: Mapping[str, Iterable[str]]) -> float:
     """Mean over examples with aspects of (reference aspects the hypothesis mentions / reference
     aspects); NaN when no example has an aspect."""
-    if len(hyps) != len(aspects_per_example):
-        raise ValueError(f"aspect_coverage: {len(hyps)} hypotheses but {len(aspects_per_example)} aspect lists; "
-                         "give one list (possibly empty) per hypothesis.")
+    _check_one_list_each("aspect_coverage", hyps, aspects_per_example)
     shares = []
     for hyp, aspects in zip(hyps, aspects_per_example):
         aspects = list(dict.fromkeys(aspects))
@@ -97,9 +101,7 @@ def aspect_precision(hyps: Sequence[Sentence], aspects_per_example: Sequence[Ite
     hold, pooled over examples: sum |mentioned & true| / sum |mentioned|; NaN when no hypothesis
     mentions an aspect. The counterweight of `aspect_coverage`: naming every aspect a product type
     has would cover all of them at a low precision."""
-    if len(hyps) != len(aspects_per_example):
-        raise ValueError(f"aspect_precision: {len(hyps)} hypotheses but {len(aspects_per_example)} aspect lists; "
-                         "give one list (possibly empty) per hypothesis.")
+    _check_one_list_each("aspect_precision", hyps, aspects_per_example)
     mentioned = true = 0
     for hyp, aspects in zip(hyps, aspects_per_example):
         named = mentioned_aspects(hyp, aspect_lexicon)
