@@ -13,7 +13,8 @@ Methods (`--config.method`, a comma list; each trains in its own sub-directory o
 Every run selects its checkpoint on val BLEU-4 (beam search as in the table) and is scored on test:
 BLEU-1..4, ROUGE-L, Dist-1/2 and aspect coverage (our metric: the share of the reference's
 user-cared aspects the output mentions, jdjax.metrics.generation), on the whole test split and on
-its long tail (products with at most `long_tail_reviews` reviews). The table is comparison.md.
+its long tail (products with at most `long_tail_reviews` reviews). The table is comparison.md; on data
+with product types and aspects it ends with two non-learned rows for the aspect columns (`aspect_rules`).
 The word vocabulary (min_count counted once per product, so one-off model tokens are __unk__ and
 only copying produces them) is built from train into workdir/vocab.json and read back on resume.
 """
@@ -200,6 +201,52 @@ COLUMNS = (("BLEU-1", "bleu_1"), ("BLEU-2", "bleu_2"), ("BLEU-3", "bleu_3"), ("B
            ("aspect prec.", "aspect_precision"))
 
 
+def aspect_rules(train: list[prod.Product], test: list[prod.Product], lexicon=prod.ASPECT_PHRASES,
+                 num_aspects: int | None = None) -> dict[str, list[list[str]]]:
+    """Two non-learned references for the aspect columns, each a list of aspects per test product:
+
+    'type prior': the `num_aspects` aspects most frequent in train for the product's type;
+    'reviews + type prior': every aspect a lexicon phrase names in the product's reviews, filled up to
+    `num_aspects` from the type prior (so a product without reviews gets the type prior).
+    `num_aspects` defaults to the train mean of true aspects, rounded. Needs `product_type` and `aspects`
+    (generated data has both)."""
+    counts: dict[str, dict[str, int]] = {}
+    for p in train:
+        for a in p.aspects:
+            counts.setdefault(p.product_type, {}).setdefault(a, 0)
+            counts[p.product_type][a] += 1
+    k = num_aspects or max(1, round(float(np.mean([len(p.aspects) for p in train]))))
+
+    def prior(p, skip=()):
+        ranked = sorted(counts.get(p.product_type, {}).items(), key=lambda kv: (-kv[1], kv[0]))
+        return [a for a, _ in ranked if a not in skip]
+
+    def from_reviews(p):
+        found = sorted(set().union(set(), *(generation.mentioned_aspects(r, lexicon) for r in p.reviews)))
+        return found + prior(p, found)[:max(0, k - len(found))]
+
+    return {"type prior": [prior(p)[:k] for p in test], "reviews + type prior": [from_reviews(p) for p in test]}
+
+
+def aspect_rule_rows(config, splits: dict[str, list[prod.Product]]) -> list[dict]:
+    """The `aspect_rules` as table rows (aspect columns only) on the test split: all, long tail, reviewed."""
+    train, test = splits["train"], splits["test"]
+    if not all(p.product_type and p.aspects for p in train + test):
+        return []
+    rows = []
+    for name, named in aspect_rules(train, test).items():
+        hyps = [" . ".join(prod.ASPECT_PHRASES[a][0] for a in asp) for asp in named]
+        row = {"run": f"rule: {name}", "selected_step": "-"}
+        for prefix, keep in (("", lambda n: True), ("tail_", lambda n: n <= config.long_tail_reviews),
+                             ("reviewed_", lambda n: n > config.long_tail_reviews)):
+            sel = [i for i, p in enumerate(test) if keep(len(p.reviews))]
+            args = ([hyps[i] for i in sel], [test[i].aspects for i in sel], prod.ASPECT_PHRASES)
+            row[f"test/{prefix}aspect_coverage"] = 100 * generation.aspect_coverage(*args) if sel else None
+            row[f"test/{prefix}aspect_precision"] = 100 * generation.aspect_precision(*args) if sel else None
+        rows.append(row)
+    return rows
+
+
 def comparison(config, results: dict[str, dict]) -> list[dict]:
     rows = []
     for name in sweep.run_names(config.method):
@@ -218,8 +265,9 @@ def format_table(config, rows: list[dict], tail_count: int) -> str:
             + " | long-tail BLEU-4 | long-tail aspects | reviewed BLEU-4 | reviewed aspects | step |")
     lines = [head, "|" + "---|" * (len(COLUMNS) + 6)]
     for r in rows:
-        cells = " | ".join(num(r[f"test/{k}"], k) for _, k in COLUMNS)
-        subsets = " | ".join(num(r[f"test/{p}{k}"], k) for p in ("tail_", "reviewed_") for k in ("bleu_4", "aspect_coverage"))
+        cells = " | ".join(num(r.get(f"test/{k}"), k) for _, k in COLUMNS)
+        subsets = " | ".join(num(r.get(f"test/{p}{k}"), k) for p in ("tail_", "reviewed_")
+                             for k in ("bleu_4", "aspect_coverage"))
         lines.append(f"| {r['run']} | {cells} | {subsets} | {r['selected_step']} |")
     return "\n".join(lines) + (
         f"\n\nTest split, beam {config.decode.beam_size}, checkpoint chosen on val BLEU-4. BLEU (sacrebleu) and ROUGE-L "
@@ -228,7 +276,10 @@ def format_table(config, rows: list[dict], tail_count: int) -> str:
         "prec. = of all the aspects the outputs mention, the share their references hold (a model naming every aspect "
         "would cover all at a low precision). "
         f"Long tail: the {tail_count} test products with at most {config.long_tail_reviews} review(s); reviewed: the "
-        "others. Only the reviewed products can gain from reading reviews.\n")
+        "others. Only the reviewed products can gain from reading reviews. Rule rows (when the data has product types "
+        "and aspects) are non-learned references for the aspect columns: 'type prior' names the type's most frequent "
+        "train aspects, 'reviews + type prior' names what the reviews' lexicon phrases mention and fills up from the "
+        "type prior (tasks.prodgen.aspect_rules).\n")
 
 
 def run(config, workdir: str) -> dict:
@@ -247,7 +298,7 @@ def run(config, workdir: str) -> dict:
     out = sweep.run_sweep(workdir, [job(n) for n in sweep.run_names(config.method)], desc="prodgen")
     if out.status != sweep.COMPLETED:
         return {"status": out.status, "failed": out.failed}
-    rows = comparison(config, out.results)
+    rows = comparison(config, out.results) + aspect_rule_rows(config, splits)
     tail_count = int(np.sum(encoded.arrays["test"]["num_reviews"] <= config.long_tail_reviews))
     sweep.write_comparison(workdir, rows, format_table(config, rows, tail_count))
     return {"status": "completed", "runs": rows}

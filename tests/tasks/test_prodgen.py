@@ -54,6 +54,35 @@ def test_bad_configs_are_named(override, message):
     assert any(message in e for e in tasks.validate(c))
 
 
+def _product(kind, aspects, reviews=()):
+    return prod.Product("t", (), tuple(reviews), "d", tuple(aspects), kind)
+
+
+def test_aspect_rules_on_a_hand_case():
+    train = [_product("shoe", ["comfort", "grip"]), _product("shoe", ["comfort", "fit"]), _product("shoe", ["comfort"]),
+             _product("shoe", ["grip", "fit"]), _product("shoe", ["grip"]), _product("bag", ["durability"])]
+    # mean true aspects 1.67 -> 2; shoe prior: comfort 3, grip 3 (tie, by name), fit 2
+    test = [_product("shoe", ["fit"], ["runs true to size , great grip"]), _product("shoe", ["grip"]),
+            _product("bag", ["durability"], ["nothing to say"])]
+    rules = prodgen.aspect_rules(train, test)
+    assert rules["type prior"] == [["comfort", "grip"], ["comfort", "grip"], ["durability"]]
+    assert rules["reviews + type prior"] == [["fit", "grip"], ["comfort", "grip"], ["durability"]]
+    assert prodgen.aspect_rules(train, test, num_aspects=1)["reviews + type prior"][0] == ["fit", "grip"]
+
+    c = prodgen_config.get_config("smoke")
+    c.long_tail_reviews = 0  # long tail = no reviews: products 1 and 3 are "reviewed"
+    rows = {r["run"]: r for r in prodgen.aspect_rule_rows(c, {"train": train, "test": test})}
+    prior, reviews = rows["rule: type prior"], rows["rule: reviews + type prior"]
+    assert prior["test/aspect_coverage"] == pytest.approx(100 * (0 + 1 + 1) / 3)
+    assert prior["test/aspect_precision"] == pytest.approx(100 * 2 / 5)
+    assert reviews["test/aspect_coverage"] == pytest.approx(100.0)
+    assert reviews["test/reviewed_aspect_coverage"] == pytest.approx(100.0)  # products 1 and 3 have reviews
+    assert reviews["test/tail_aspect_coverage"] == pytest.approx(100.0)
+    assert prior["test/reviewed_aspect_precision"] == pytest.approx(100 * 1 / 3)
+    assert "bleu_4" not in " ".join(prior)
+    assert prodgen.aspect_rule_rows(c, {"train": train, "test": [prod.Product("t", (), (), "d")]}) == []
+
+
 @pytest.mark.slow  # about 2-4 minutes: compiles two models' train steps and beam searches
 def test_smoke_recipe_writes_the_table(tmp_path):
     c = prodgen_config.get_config("smoke")
