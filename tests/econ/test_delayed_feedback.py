@@ -1,5 +1,6 @@
 """D-TS estimation, policies and simulator against the spec's invariants (P1) and a NumPy loop."""
 
+import functools
 import gzip
 import os
 
@@ -19,6 +20,22 @@ from jdjax.econ import simulate as sim
 def x64():
     with jax.enable_x64(True):
         yield
+
+
+@functools.cache
+def jitted(fn, static_argnums=(), static_argnames=()):
+    """One compiled wrapper per library function (and static arguments), shared by every test here:
+    the tests call the same functions on the same shapes, so XLA compiles each program once instead
+    of re-tracing eager while_loops / fori_loops on every call."""
+    return jax.jit(fn, static_argnums=static_argnums, static_argnames=static_argnames)
+
+
+def em_fit(obs, state, cycles):
+    return jitted(df.em_fit, static_argnames="cycles")(obs, state, cycles=cycles)
+
+
+def assign(policy, state, key, num_requests):
+    return jitted(policy.assign, static_argnums=2)(state, key, num_requests)
 
 
 def static_obs(key, theta, lam, n_per_arm, horizon):
@@ -52,11 +69,11 @@ def test_zero_delay_dts_is_naive_ts_draw_for_draw():
     obs = hand_obs([0, 0, 1, 1, 1, 2, -1], [5, 3, 2, 9, 1, 4, 0], [1, 0, 1, 1, 0, 0, 0], [1, 0, 1, 2, 0, 0, 0])
     known = df.make_policy("dts_known")
     naive = df.make_policy("naive_ts")
-    s_known = known.update(df.init_state(3, delay_rate=jnp.inf), obs)
-    s_naive = naive.update(df.init_state(3), obs)
+    s_known = jitted(known.update)(df.init_state(3, delay_rate=jnp.inf), obs)
+    s_naive = jitted(naive.update)(df.init_state(3), obs)
     np.testing.assert_array_equal(s_known.exposure, s_naive.clicks)
     key = jax.random.key(7)
-    np.testing.assert_array_equal(known.assign(s_known, key, 256), naive.assign(s_naive, key, 256))
+    np.testing.assert_array_equal(assign(known, s_known, key, 256), assign(naive, s_naive, key, 256))
 
 
 def test_corrected_conversions_unbiased_and_naive_biased():
@@ -66,9 +83,14 @@ def test_corrected_conversions_unbiased_and_naive_biased():
     keys = jax.random.split(jax.random.key(0), reps)
     worlds = sim.synthetic_worlds(keys, jnp.asarray(scenario.cvr), jnp.asarray(scenario.delay_rate), 1.0, horizon)
     arms = jax.vmap(lambda k: jax.random.randint(k, (horizon,), 0, 3, jnp.int32))(jax.random.split(jax.random.key(1), reps))
-    obs = jax.vmap(lambda w, a: sim.observe(w, a, horizon))(worlds, arms)
-    conversions, clicks = jax.vmap(lambda o: df.arm_counts(o, 3))(obs)
-    exposure = jax.vmap(lambda o: df.effective_exposure(o, jnp.asarray(scenario.delay_rate)))(obs)
+
+    @jax.jit  # one program instead of eager vmapped primitives
+    def counts(worlds, arms):
+        obs = jax.vmap(lambda w, a: sim.observe(w, a, horizon))(worlds, arms)
+        conversions, clicks = jax.vmap(lambda o: df.arm_counts(o, 3))(obs)
+        return conversions, clicks, jax.vmap(lambda o: df.effective_exposure(o, jnp.asarray(scenario.delay_rate)))(obs)
+
+    conversions, clicks, exposure = counts(worlds, arms)
     excess = np.asarray(conversions - jnp.asarray(scenario.cvr) * exposure)  # [R, K]
     z = excess.mean(0) / (excess.std(0) / np.sqrt(reps))
     assert np.all(np.abs(z) < 3), z
@@ -79,7 +101,7 @@ def test_corrected_conversions_unbiased_and_naive_biased():
 def test_em_recovers_cvr_and_delay_rate():
     theta, lam = np.array([0.5, 0.1]), np.array([1 / 1000, 1 / 500])
     obs = static_obs(jax.random.key(0), theta, lam, 500_000, 10_000)
-    fit = df.em_fit(obs, df.init_state(2), cycles=df.EM_CYCLES)
+    fit = em_fit(obs, df.init_state(2), cycles=df.EM_CYCLES)
     np.testing.assert_allclose(fit.cvr, theta, rtol=0.02)
     np.testing.assert_allclose(fit.delay_rate, lam, rtol=0.02)
     np.testing.assert_allclose(fit.exposure, fit.conversions / fit.cvr, rtol=1e-12)
@@ -87,9 +109,10 @@ def test_em_recovers_cvr_and_delay_rate():
 
 def test_em_fixed_points_solve_the_score_equations():
     obs = static_obs(jax.random.key(1), (0.4, 0.05), (1 / 750, 1 / 500), 20_000, 10_000)
-    score = jax.grad(lambda r, c: df.log_likelihood(obs, r, c).sum(), argnums=(0, 1))
+    grad = jax.jit(jax.grad(lambda r, c, o: df.log_likelihood(o, r, c).sum(), argnums=(0, 1)))
+    score = lambda r, c: grad(r, c, obs)
     # Released estimator: its lambda solves the lambda score equation given its theta.
-    fit = df.em_fit(obs, df.init_state(2), cycles=200)
+    fit = em_fit(obs, df.init_state(2), cycles=200)
     d_rate, _ = score(fit.delay_rate, fit.cvr)
     np.testing.assert_allclose(d_rate * fit.delay_rate / fit.conversions, 0.0, atol=1e-8)
     # Textbook EM: likelihood never decreases and the fixed point solves both score equations.
@@ -112,43 +135,52 @@ def em_reference(obs, state, cycles):
     """em_fit's numbers from the one-round formulation `em_step`, applied `cycles` times."""
     rate, cvr = state.delay_rate, state.cvr
     for _ in range(cycles):
-        rate, cvr, conversions, exposure = df.em_step(obs, rate, cvr)
+        rate, cvr, conversions, exposure = jitted(df.em_step)(obs, rate, cvr)
     return rate, cvr, conversions, exposure
 
 
+@pytest.fixture(scope="module")
+def interleaved_em_case():
+    """Units of three arms in random row order with padding units in the middle, and the em_step
+    reference on them: the same for every block size, so built once."""
+    with jax.enable_x64(True):
+        obs = static_obs(jax.random.key(4), (0.4, 0.05, 0.2), (1 / 750, 1 / 500, 1 / 300), 700, 10_000)
+        obs = obs._replace(arm=obs.arm.at[::97].set(-1))  # some padding units in the middle
+        obs = obs._replace(elapsed=jnp.where(obs.arm < 0, 0.0, obs.elapsed), converted=obs.converted & (obs.arm >= 0))
+        obs = obs._replace(delay=jnp.where(obs.converted, obs.delay, 0.0))
+        perm = jax.random.permutation(jax.random.key(5), obs.arm.shape[0])
+        obs = jax.tree.map(lambda x: x[perm] if x.ndim else x, obs)  # arms interleaved
+        state = df.init_state(3)
+        return obs, state, em_reference(obs, state, 10)
+
+
 @pytest.mark.parametrize("block", [1, 7, 128])
-def test_em_fit_equals_repeated_em_step_also_grouped_by_arm(block):
+def test_em_fit_equals_repeated_em_step_also_grouped_by_arm(block, interleaved_em_case):
     """em_fit (counts once, one expm1 per unit and round) is em_step run `cycles` times, on the
     units in row order and regrouped into arm blocks (including blocks smaller than an arm)."""
-    obs = static_obs(jax.random.key(4), (0.4, 0.05, 0.2), (1 / 750, 1 / 500, 1 / 300), 700, 10_000)
-    obs = obs._replace(arm=obs.arm.at[::97].set(-1))  # some padding units in the middle
-    obs = obs._replace(elapsed=jnp.where(obs.arm < 0, 0.0, obs.elapsed), converted=obs.converted & (obs.arm >= 0))
-    obs = obs._replace(delay=jnp.where(obs.converted, obs.delay, 0.0))
-    perm = jax.random.permutation(jax.random.key(5), obs.arm.shape[0])
-    obs = jax.tree.map(lambda x: x[perm] if x.ndim else x, obs)  # arms interleaved
-    state = df.init_state(3)
-    rate, cvr, conversions, exposure = em_reference(obs, state, 10)
-    grouped = df.group_by_arm(obs, 3, block)
+    obs, state, (rate, cvr, conversions, exposure) = interleaved_em_case
+    grouped = jitted(df.group_by_arm, static_argnums=(1, 2))(obs, 3, block)
     assert grouped.arm.shape[0] % block == 0 and grouped.block_arm.shape[0] == grouped.arm.shape[0] // block
     blocks = np.asarray(grouped.arm).reshape(-1, block)
     for b, a in zip(blocks, np.asarray(grouped.block_arm)):  # every block holds one arm's units
         assert set(b[b >= 0]) <= {a} and (a >= 0 or np.all(b < 0))
     for o in (obs, grouped):
-        fit = jax.jit(df.em_fit, static_argnames="cycles")(o, state, cycles=10)
+        fit = em_fit(o, state, cycles=10)
         np.testing.assert_allclose(fit.delay_rate, rate, rtol=1e-12)
         np.testing.assert_allclose(fit.cvr, cvr, rtol=1e-12)
         np.testing.assert_allclose(fit.exposure, exposure, rtol=1e-12)
         np.testing.assert_array_equal(fit.conversions, conversions)
         np.testing.assert_array_equal(fit.clicks, np.bincount(np.asarray(obs.arm)[np.asarray(obs.arm) >= 0], minlength=3))
-        np.testing.assert_array_equal(df.arm_counts(o, 3), (conversions, fit.clicks))
+        np.testing.assert_array_equal(jitted(df.arm_counts, static_argnums=1)(o, 3), (conversions, fit.clicks))
         rates = jnp.asarray((1e-3, 2e-3, 3e-3))
-        np.testing.assert_allclose(df.effective_exposure(o, rates), df.effective_exposure(obs, rates), rtol=1e-12)
+        exposure_at = jitted(df.effective_exposure)
+        np.testing.assert_allclose(exposure_at(o, rates), exposure_at(obs, rates), rtol=1e-12)
 
 
 @pytest.mark.parametrize("converted", [[0, 0, 0, 0, 0], [1, 0, 0, 0, 0]])
 def test_no_nan_without_conversions(converted):
     obs = hand_obs([0, 0, 1, 2, -1], [50, 10, 30, 0, 0], converted, [5, 0, 0, 0, 0])
-    fit = df.em_fit(obs, df.init_state(3), cycles=10)
+    fit = em_fit(obs, df.init_state(3), cycles=10)
     no_conv = np.asarray(fit.conversions) == 0
     np.testing.assert_array_equal(np.asarray(fit.delay_rate)[no_conv], df.DELAY_RATE_INIT)  # warm start kept
     np.testing.assert_array_equal(np.asarray(fit.cvr)[no_conv], 0.0)
@@ -159,13 +191,13 @@ def test_no_nan_without_conversions(converted):
     for name in df.POLICY_LABELS:
         policy = df.make_policy(name, grid_level=8)
         init = df.init_state(3, delay_rate=1e-3 if policy.known_delay else df.DELAY_RATE_INIT)
-        state = jax.jit(policy.update)(init, obs)
+        state = jitted(policy.update)(init, obs)
         for leaf in jax.tree.leaves(state):
             assert np.all(np.isfinite(leaf)), (name, state)
         np.testing.assert_allclose(np.sum(state.probs), 1.0, rtol=1e-12)
-        arms = policy.assign(state, jax.random.key(0), 64)
+        arms = assign(policy, state, jax.random.key(0), 256)  # 256: the compiled TS draw of the test above
         assert arms.dtype == jnp.int32 and np.all((arms >= 0) & (arms < 3))
-    prob_best, value_remaining = df.decision_stats(jax.random.key(0), a, b, 64)
+    prob_best, value_remaining = jitted(df.decision_stats, static_argnums=3)(jax.random.key(0), a, b, 64)
     np.testing.assert_allclose(prob_best.sum(), 1.0)
     assert np.isfinite(value_remaining)
 
@@ -191,10 +223,11 @@ def test_beta_sampler_draws_the_beta_distribution(a, b):
     from scipy import stats
 
     key = jax.random.key(int(100 * a + b))
-    x = np.asarray(jax.jit(lambda k: df.beta_sample(k, jnp.full(4, a), jnp.full(4, b), (20_000, 4)))(key)).ravel()
+    a_, b_ = jnp.full(4, a), jnp.full(4, b)  # traced: one compiled sampler for every (a, b)
+    x = np.asarray(jitted(df.beta_sample, static_argnums=3)(key, a_, b_, (20_000, 4))).ravel()
     assert np.all((x >= 0) & (x <= 1))
     assert stats.kstest(x, stats.beta(a, b).cdf).pvalue > 1e-3
-    logit = np.asarray(df._beta_logit(key, jnp.full(4, a), jnp.full(4, b), (20_000, 4), jnp.float64)).ravel()
+    logit = np.asarray(jitted(df._beta_logit, static_argnums=(3, 4))(key, a_, b_, (20_000, 4), jnp.float64)).ravel()
     np.testing.assert_allclose(1 / (1 + np.exp(-logit)), x, rtol=1e-12, atol=1e-300)
 
 
@@ -204,7 +237,7 @@ def test_beta_sampler_matches_jax_random_beta(a, b):
     against the library call it stands in for: two-sample Kolmogorov-Smirnov."""
     from scipy import stats
 
-    ours = np.asarray(df.beta_sample(jax.random.key(1), a, b, (20_000,), jnp.float64))
+    ours = np.asarray(jitted(df.beta_sample, static_argnums=(3, 4))(jax.random.key(1), a, b, (20_000,), jnp.float64))
     library = np.asarray(jax.random.beta(jax.random.key(2), a, b, (20_000,), jnp.float64))
     assert stats.ks_2samp(ours, library).pvalue > 1e-3
 
@@ -224,7 +257,7 @@ def test_gamma_sampler_redraws_every_rejection():
     from scipy import stats
 
     for alpha in (1.0, 0.5, 1.7):
-        g = np.exp(np.asarray(df.log_gamma_sample(jax.random.key(3), jnp.asarray(alpha), (200, 333))))
+        g = np.exp(np.asarray(jitted(df.log_gamma_sample, static_argnums=2)(jax.random.key(3), jnp.asarray(alpha), (200, 333))))
         assert np.all(np.isfinite(g) & (g >= 0))
         assert stats.kstest(g.ravel(), stats.gamma(alpha).cdf).pvalue > 1e-3
 
@@ -234,7 +267,7 @@ def test_ts_assign_shares_follow_prob_best():
     from scipy import integrate, stats
 
     a, b = np.array([30.0, 24.0, 5.0]), np.array([50.0, 45.0, 20.0])
-    arms = np.asarray(df.ts_assign(jax.random.key(0), jnp.asarray(a), jnp.asarray(b), 200_000))
+    arms = np.asarray(jitted(df.ts_assign, static_argnums=3)(jax.random.key(0), jnp.asarray(a), jnp.asarray(b), 200_000))
     dists = [stats.beta(x, y) for x, y in zip(a, b)]
     for k in range(3):
         p = integrate.quad(lambda t: dists[k].pdf(t) * np.prod([d.cdf(t) for j, d in enumerate(dists) if j != k]), 0, 1)[0]
@@ -335,10 +368,10 @@ def test_grouped_observation_is_observe_regrouped():
     log = sim.empty_log(world, 64)
     for lo, hi in [(0, 600), (600, 1100), (1100, 1110), (1110, 1800)]:  # batches of uneven sizes
         rows = jnp.arange(lo, lo + 700)
-        log = sim.log_append(log, world, rows, jnp.asarray(arms)[jnp.minimum(rows, 2999)], rows < hi)
+        log = jitted(sim.log_append)(log, world, rows, jnp.asarray(arms)[jnp.minimum(rows, 2999)], rows < hi)
         size = -(-(hi + 3 * 63) // 64) * 64
-        grouped = sim.grouped_observation(log, world.time[hi - 1], size)
-        plain = sim.observe(world, jnp.where(jnp.arange(3000) < hi, jnp.asarray(arms), -1), hi)
+        grouped = jitted(sim.grouped_observation, static_argnums=2)(log, world.time[hi - 1], size)
+        plain = jitted(sim.observe)(world, jnp.where(jnp.arange(3000) < hi, jnp.asarray(arms), -1), hi)
         for k in range(3):
             units = lambda o: sorted(zip(*(np.asarray(x)[np.asarray(o.arm) == k].tolist() for x in (o.elapsed, o.converted, o.delay))))
             assert units(grouped) == units(plain)
@@ -403,7 +436,8 @@ def test_criteo_reader_and_world(tmp_path):
     np.testing.assert_array_equal(log.click_time, clicks)
     np.testing.assert_array_equal(np.isfinite(log.delay), [c is not None for c in conv])
     sc = sim.SCENARIOS["criteo"]
-    world = sim.criteo_world(jax.random.key(0), jnp.asarray(log.click_time), jnp.asarray(log.delay), sc.cvr, sc.delay_rate, 200)
+    world = jitted(sim.criteo_world, static_argnums=5)(
+        jax.random.key(0), jnp.asarray(log.click_time), jnp.asarray(log.delay), sc.cvr, sc.delay_rate, 200)
     time_, delay = np.asarray(world.time), np.asarray(world.delay)
     assert np.all(np.diff(time_) >= 0) and np.all(np.isin(time_, clicks))
     both = np.isfinite(delay[:, 0]) & np.isfinite(delay[:, 2])

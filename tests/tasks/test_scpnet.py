@@ -15,6 +15,7 @@ from jdjax.data import multilabel
 from jdjax.models import scpnet as scp
 from jdjax.tasks import scpnet
 from jdjax.train.loop import stateful_functions
+from jdjax.train.optim import path_names
 from jdjax.train.validation import UsageError
 
 
@@ -33,14 +34,44 @@ def _task(config, data, method="scpnet"):
 
 
 def _variables(task):
-    """(params, model_state) of a fresh task, unboxed."""
-    return nn.meta.unbox((task.init(jax.random.key(0)), task.init_model_state(jax.random.key(0))))
+    """(params, model_state) of a fresh task, unboxed. The params are noise in the shapes task.init traces
+    (scales around 1, the rest N(0, 0.2^2)): none of these tests depends on init's values, and compiling
+    init's ~90 random initializers (threefry) takes about a minute on two cores, eagerly or under jit. The
+    model state (BatchNorm statistics, the PESSL bank and step) is the task's own, jitted: XLA drops the
+    unused parameter initializers, so it compiles in about a second."""
+    shapes = nn.meta.unbox(jax.eval_shape(task.init, jax.random.key(0)))
+    rng = np.random.default_rng(0)
+
+    def fill(name, s):
+        v = 0.2 * rng.normal(size=s.shape)
+        return jnp.asarray(1.0 + v if name.endswith("/scale") else v, s.dtype)
+
+    params = jax.tree.map(fill, path_names(shapes), shapes)
+    return params, nn.meta.unbox(jax.jit(task.init_model_state)(jax.random.key(0)))
 
 
 def _batch(task, config, rows):
     raw = task.train_source.get_batch(np.asarray(rows))
     draws = np.random.default_rng(0).uniform(size=(len(rows), 8))
     return jax.tree.map(jnp.asarray, task.augment(raw, draws))
+
+
+@pytest.fixture(scope="module")
+def single_view(data):
+    """method -> (config, task, variables, the first batch without the weak/strong views, the jitted loss),
+    built once per module: the single-view test and the BCE test share one compiled loss."""
+    cache = {}
+
+    def get(method):
+        if method not in cache:
+            config = smoke()
+            task = _task(config, data, method)
+            batch = _batch(task, config, np.arange(config.batch_size))
+            without_views = {k: v for k, v in batch.items() if k not in ("image_w", "image_s")}
+            cache[method] = (config, task, _variables(task), without_views, jax.jit(stateful_functions(task)[1]))
+        return cache[method]
+
+    return get
 
 
 @pytest.mark.slow  # about 30 s: compiles the three-view SCPNet train step
@@ -75,29 +106,23 @@ def test_train_step_switches_splc_and_batchnorm_at_their_epochs_and_fills_the_ba
 
 
 @pytest.mark.parametrize("method", ["no_pessl", "assume_negative"])
-def test_single_view_methods_use_the_weak_view_only(data, method):
-    config = smoke()
-    task = _task(config, data, method)
-    _, loss, predict = stateful_functions(task)
-    variables = _variables(task)
-    batch = _batch(task, config, np.arange(config.batch_size))
-    without_views = {k: v for k, v in batch.items() if k not in ("image_w", "image_s")}
-    total, _, new = jax.jit(loss)(*variables, without_views, jax.random.key(1))
+def test_single_view_methods_use_the_weak_view_only(single_view, method):
+    _, _, variables, without_views, loss = single_view(method)
+    total, _, new = loss(*variables, without_views, jax.random.key(1))
     assert np.isfinite(float(total))
     assert not np.asarray(new["pessl"]["bank"]).any()
 
 
-def test_assume_negative_is_plain_bce_on_the_observed_positives(data):
-    config = smoke()
-    task = _task(config, data, "assume_negative")
-    params, state = _variables(task)
-    batch = _batch(task, config, np.arange(config.batch_size))
-    total, _, _ = task.loss(params, state, batch, jax.random.key(1))
+def test_assume_negative_is_plain_bce_on_the_observed_positives(data, single_view):
+    # The compiled loss of the single-view test (the batch without the weak/strong views, which the
+    # single-view methods never read; that test checks it); logits from an independently built model.
+    config, _, (params, state), batch, loss = single_view("assume_negative")
+    total, _, _ = loss(params, state, batch, jax.random.key(1))
     model = scpnet.build_model(config, scpnet.METHODS["assume_negative"],
                                scpnet.make_tokenizer(config.data, data, config.model.ctx_init), data.class_names,
                                np.eye(len(data.class_names), dtype=np.float32))
-    logits = np.asarray(model.apply({"params": params, "batch_stats": state["batch_stats"]}, batch["image"],
-                                    train=False), np.float64)
+    apply = jax.jit(lambda variables, images: model.apply(variables, images, train=False))
+    logits = np.asarray(apply({"params": params, "batch_stats": state["batch_stats"]}, batch["image"]), np.float64)
     y = np.asarray(batch["annotations"]) > 0
     bce = -(y * np.log(1 / (1 + np.exp(-logits))) + (1 - y) * np.log(1 / (1 + np.exp(logits)))).sum()
     np.testing.assert_allclose(float(total), bce, rtol=1e-4)
@@ -181,8 +206,11 @@ def test_prior_tool_reports_the_calibration_diagonal(tmp_path):
     np.fill_diagonal(r, 1.0)
     np.save(tmp_path / "r.npy", r)
     tool = [sys.executable, "-m", "jdjax.tools.scpnet_prior", "--topk=20", "--temperature=0.3"]
-    out = subprocess.run([*tool, f"--relation={tmp_path / 'r.npy'}"], capture_output=True, text=True, check=True)
+    # Both runs at once: each spends seconds importing jax.
+    runs = [subprocess.Popen([*tool, f"--relation={tmp_path / name}"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for name in ("r.npy", "none.npy")]
+    (stdout, stderr), (_, missing_stderr) = (run.communicate() for run in runs)
+    assert runs[0].returncode == 0, stderr
     expected = scp.prior_report(r, 20, 0.2, 0.3)["s_diag_mean"]
-    assert f"s_diag_mean: {expected:.4f}" in out.stdout
-    missing = subprocess.run([*tool, f"--relation={tmp_path / 'none.npy'}"], capture_output=True, text=True)
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert f"s_diag_mean: {expected:.4f}" in stdout
+    assert runs[1].returncode == 2 and "does not exist" in missing_stderr
