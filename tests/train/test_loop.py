@@ -22,6 +22,15 @@ from jdjax.train.checkpoint import read_state, saved_steps
 from jdjax.train.task import Task
 
 SMOKE = "configs/vit.py:smoke"
+# Speed only, for every child run alike. The runs are dominated by process start-up and XLA compilation, not
+# by their few steps, and no test here checks model quality, TensorBoard events or how fast the compiled
+# code is. So: one transformer block instead of two (every parameter kind and sharding rule still occurs,
+# dropout included; half the program to compile); no TensorBoard writer (tensorboardX imports torch,
+# seconds per run; metrics.jsonl, which the tests read, is written either way); and XLA's backend at
+# optimization level 0 with the elemental fusion emitter (the programs compile ~3x faster; the same HLO,
+# partitioned and fused the same way, with less optimized machine code).
+FAST_RUN = ("--config.model.depth=1", "--config.logging.tensorboard=False")
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 # Adam divides by sqrt(v) + eps. The attention key bias has a true gradient of exactly 0 (softmax
 # ignores it), so its gradient is float noise whose sign differs between device counts; with the
 # default eps=1e-8 Adam turns that noise into learning-rate-sized steps. A larger eps keeps the
@@ -36,11 +45,29 @@ def smoke_config(**overrides):
     return cfg
 
 
+def child_env(num_devices: int, **extra: str) -> dict[str, str]:
+    """testing.subprocess_env with FAST_XLA added to the XLA flags."""
+    env = testing.subprocess_env(num_devices, **extra)
+    env["XLA_FLAGS"] += " " + FAST_XLA
+    return env
+
+
+def child_command(config: str, workdir: str, *overrides: str) -> list[str]:
+    """testing.main_command with FAST_RUN."""
+    return testing.main_command(config, workdir, *FAST_RUN, *overrides)
+
+
+def run_child(config: str, workdir: str, *overrides: str, num_devices: int = 1, **env: str):
+    """`python -m jdjax.main` in a child process with FAST_RUN and FAST_XLA (as testing.run_main)."""
+    return subprocess.run(child_command(config, workdir, *overrides), cwd=testing.REPO_ROOT,
+                          env=child_env(num_devices, **env), capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture(scope="module")
 def one_device_run(tmp_path_factory):
     """The smoke ViT trained for 10 steps on a single device, in a child process."""
     workdir = str(tmp_path_factory.mktemp("one_device"))
-    proc = testing.run_main(SMOKE, workdir, *DEVICE_COMPARISON, num_devices=1)
+    proc = run_child(SMOKE, workdir, *DEVICE_COMPARISON, num_devices=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir
 
@@ -48,7 +75,7 @@ def one_device_run(tmp_path_factory):
 @pytest.mark.parametrize("variant", ["", "fsdp", "tensor_parallel"])
 def test_eight_devices_match_one(one_device_run, tmp_path, variant):
     config = SMOKE + ("," + variant if variant else "")
-    proc = testing.run_main(config, str(tmp_path), *DEVICE_COMPARISON, num_devices=8)
+    proc = run_child(config, str(tmp_path), *DEVICE_COMPARISON, num_devices=8)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = read_state(one_device_run)
     eight = read_state(str(tmp_path))
@@ -59,7 +86,7 @@ def test_eight_devices_match_one(one_device_run, tmp_path, variant):
 
 def test_resume_is_bit_identical(tmp_path):
     full = str(tmp_path / "full")
-    loop.train_and_evaluate(smoke_config(), full, _build(smoke_config()))
+    loop.train_and_evaluate(_small_config(), full, _build(_small_config()))
     assert saved_steps(full) == [20, 40]
 
     # A run "interrupted" after step 20: its workdir as it was when step 20 was written.
@@ -69,11 +96,16 @@ def test_resume_is_bit_identical(tmp_path):
     for d in saved_steps(resumed, "best"):
         if d > 20:
             shutil.rmtree(os.path.join(resumed, "best", str(d)))
-    results = loop.train_and_evaluate(smoke_config(), resumed, _build(smoke_config()))
+    results = loop.train_and_evaluate(_small_config(), resumed, _build(_small_config()))
     assert results["step"] == 40
     a, b = read_state(full, 40), read_state(resumed, 40)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
+
+
+def _small_config():
+    """smoke_config with the model of FAST_RUN (one block)."""
+    return smoke_config(**{"model.depth": 1})
 
 
 def _build(cfg):
@@ -84,9 +116,9 @@ def _build(cfg):
 
 def test_sigterm_saves_and_resume_continues(tmp_path):
     workdir = str(tmp_path)
-    cmd = testing.main_command(SMOKE, workdir, "--config.num_train_steps=100000", "--config.checkpoint.every_steps=100000",
-                               "--config.eval_every_steps=100000", "--config.logging.every_steps=5")
-    proc = subprocess.Popen(cmd, cwd=testing.REPO_ROOT, env=testing.subprocess_env(1), stdout=subprocess.PIPE,
+    cmd = child_command(SMOKE, workdir, "--config.num_train_steps=100000", "--config.checkpoint.every_steps=100000",
+                        "--config.eval_every_steps=100000", "--config.logging.every_steps=5")
+    proc = subprocess.Popen(cmd, cwd=testing.REPO_ROOT, env=child_env(1), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 120
@@ -101,8 +133,8 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
     assert f"saved step {saved[0]}" in out
     assert not os.path.exists(os.path.join(workdir, "results.json"))
 
-    rerun = testing.run_main(SMOKE, workdir, f"--config.num_train_steps={saved[0] + 5}",
-                             "--config.checkpoint.every_steps=100000", "--config.eval_every_steps=100000")
+    rerun = run_child(SMOKE, workdir, f"--config.num_train_steps={saved[0] + 5}",
+                      "--config.checkpoint.every_steps=100000", "--config.eval_every_steps=100000")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from {workdir} at step {saved[0]}" in rerun.stdout
     assert json.load(open(os.path.join(workdir, "results.json")))["step"] == saved[0] + 5
@@ -184,17 +216,17 @@ def test_two_processes_train_in_step_with_one(tmp_path):
     import portpicker
 
     single = str(tmp_path / "single")
-    proc = testing.run_main(SMOKE, single, *DEVICE_COMPARISON, num_devices=2)
+    proc = run_child(SMOKE, single, *DEVICE_COMPARISON, num_devices=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     multi = str(tmp_path / "multi")
     port = portpicker.pick_unused_port()
     procs = [
         subprocess.Popen(
-            testing.main_command(SMOKE, multi, *DEVICE_COMPARISON, "--config.distributed.initialize=True",
-                                 f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                                 "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
-            cwd=testing.REPO_ROOT, env=testing.subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            child_command(SMOKE, multi, *DEVICE_COMPARISON, "--config.distributed.initialize=True",
+                          f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                          "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
+            cwd=testing.REPO_ROOT, env=child_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True,
         )
         for i in range(2)
