@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from jdjax import testing
 from jdjax.models import prodgen as pg
 from jdjax.train.optim import path_names
 from jdjax.train.sharding import LOGICAL_AXES
@@ -21,12 +22,8 @@ SOURCE_LENGTHS, TARGET_LENGTHS = (8, 6, 4), (6, 4, 5)  # tokens before padding (
 REVIEW_LENGTHS = ((5, 3, 2), (4, 0, 5), (0, 0, 0))  # example 1 misses review 1, example 2 has none
 # Compile speed only (these programs are tiny): backend optimization level 0 (~2x faster) and XLA's
 # elemental fusion emitter instead of the MLIR one (~1.5x faster again on 2 cores).
-FAST = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-
-
-def compiled(fn, *args):
-    """fn(*args), jit-compiled with FAST options."""
-    return jax.jit(fn).lower(*args).compile(FAST)(*args)
+FAST = testing.FAST_COMPILE
+compiled = testing.compiled
 
 
 def make_batch(seed=0, reviews=REVIEW_LENGTHS):

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from jdjax import testing
 from jdjax.nn.decoding import token_nll
 from jdjax.nn.seq2seq import Seq2SeqLSTM, Seq2SeqTransformer
 from jdjax.train.optim import path_names
@@ -22,12 +23,8 @@ MODELS = {
 CONTEXT_LENGTHS, RESPONSE_LENGTHS = (6, 3, 1), (5, 2, 4)  # tokens before padding, per example
 # Compile speed only (these programs are tiny): backend optimization level 0 (~2x faster) and XLA's
 # elemental fusion emitter instead of the MLIR one (~1.5x faster again on 2 cores).
-FAST = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-
-
-def compiled(fn, *args):
-    """fn(*args), jit-compiled with FAST options."""
-    return jax.jit(fn).lower(*args).compile(FAST)(*args)
+FAST = testing.FAST_COMPILE
+compiled = testing.compiled
 
 
 def make_batch(lc=6, lr=5, seed=0):

@@ -37,7 +37,6 @@ DEVICE_COMPARISON = ("--config.num_train_steps=10", "--config.optimizer.eps=1e-6
 # optimization level 0 with the elemental fusion emitter (the programs compile ~3x faster; the same
 # computation, less optimized code).
 FAST_RUN = ("--config.logging.tensorboard=False",)
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
 
 def config(arg="smoke"):
@@ -119,13 +118,9 @@ def device_runs(tmp_path_factory):
     """The smoke config for 10 steps on 1 device and, with `fsdp`, on 8 devices; run side by side."""
     dirs = {n: str(tmp_path_factory.mktemp(n)) for n in ("one", "eight")}
 
-    def env(devices):
-        base = testing.subprocess_env(devices)
-        return {**base, "XLA_FLAGS": f"{base['XLA_FLAGS']} {FAST_XLA}"}
-
     procs = {
         n: subprocess.Popen(testing.main_command(config_arg, dirs[n], *DEVICE_COMPARISON, *FAST_RUN),
-                            cwd=testing.REPO_ROOT, env=env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=testing.REPO_ROOT, env=testing.subprocess_env(devices, fast_compile=True), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
         for n, config_arg, devices in (("one", SMOKE, 1), ("eight", SMOKE + ",fsdp", 8))
     }

@@ -21,12 +21,8 @@ from jdjax.train import optim
 
 # Compile speed only (these programs are tiny): backend optimization level 0 (~2x faster) and XLA's
 # elemental fusion emitter instead of the MLIR one (~1.5x faster again on 2 cores).
-FAST = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-
-
-def compiled(fn, *args):
-    """fn(*args), jit-compiled with FAST options."""
-    return jax.jit(fn).lower(*args).compile(FAST)(*args)
+FAST = testing.FAST_COMPILE
+compiled = testing.compiled
 
 
 def config(arg="smoke", **overrides):

@@ -30,7 +30,6 @@ SMOKE = "configs/vit.py:smoke"
 # optimization level 0 with the elemental fusion emitter (the programs compile ~3x faster; the same HLO,
 # partitioned and fused the same way, with less optimized machine code).
 FAST_RUN = ("--config.model.depth=1", "--config.logging.tensorboard=False")
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 # Adam divides by sqrt(v) + eps. The attention key bias has a true gradient of exactly 0 (softmax
 # ignores it), so its gradient is float noise whose sign differs between device counts; with the
 # default eps=1e-8 Adam turns that noise into learning-rate-sized steps. A larger eps keeps the
@@ -45,22 +44,14 @@ def smoke_config(**overrides):
     return cfg
 
 
-def child_env(num_devices: int, **extra: str) -> dict[str, str]:
-    """testing.subprocess_env with FAST_XLA added to the XLA flags."""
-    env = testing.subprocess_env(num_devices, **extra)
-    env["XLA_FLAGS"] += " " + FAST_XLA
-    return env
-
-
 def child_command(config: str, workdir: str, *overrides: str) -> list[str]:
     """testing.main_command with FAST_RUN."""
     return testing.main_command(config, workdir, *FAST_RUN, *overrides)
 
 
 def run_child(config: str, workdir: str, *overrides: str, num_devices: int = 1, **env: str):
-    """`python -m jdjax.main` in a child process with FAST_RUN and FAST_XLA (as testing.run_main)."""
-    return subprocess.run(child_command(config, workdir, *overrides), cwd=testing.REPO_ROOT,
-                          env=child_env(num_devices, **env), capture_output=True, text=True, timeout=300)
+    """testing.run_main with FAST_RUN and FAST_COMPILE."""
+    return testing.run_main(config, workdir, *FAST_RUN, *overrides, num_devices=num_devices, fast_compile=True, **env)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +109,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
     workdir = str(tmp_path)
     cmd = child_command(SMOKE, workdir, "--config.num_train_steps=100000", "--config.checkpoint.every_steps=100000",
                         "--config.eval_every_steps=100000", "--config.logging.every_steps=5")
-    proc = subprocess.Popen(cmd, cwd=testing.REPO_ROOT, env=child_env(1), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=testing.REPO_ROOT, env=testing.subprocess_env(1, fast_compile=True), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 120
@@ -226,7 +217,7 @@ def test_two_processes_train_in_step_with_one(tmp_path):
             child_command(SMOKE, multi, *DEVICE_COMPARISON, "--config.distributed.initialize=True",
                           f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                           "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
-            cwd=testing.REPO_ROOT, env=child_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=testing.REPO_ROOT, env=testing.subprocess_env(1, fast_compile=True), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True,
         )
         for i in range(2)
