@@ -21,6 +21,7 @@ only copying produces them) is built from train into workdir/vocab.json and read
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 
@@ -123,6 +124,11 @@ def _probe(config) -> dict:
             "target_out": z(1, d.max_target), "source_ext": z(1, ls), "target_ext": z(1, d.max_target)}
 
 
+def _subsets(tail: int):
+    """(metric prefix, keep(num_reviews)) of the table's product subsets: all, long tail, reviewed."""
+    return (("", lambda n: True), ("tail_", lambda n: n <= tail), ("reviewed_", lambda n: n > tail))
+
+
 def generation_summary(config, vocab, encoded: Encoded):
     """summarize: BLEU-1..4, ROUGE-L, Dist-1/2, aspect coverage and precision on all products, on the long tail
     (`tail_`: at most `long_tail_reviews` reviews) and on the rest (`reviewed_`)."""
@@ -143,7 +149,7 @@ def generation_summary(config, vocab, encoded: Encoded):
         refs = [vocab.tokenize(encoded.products[i].description) for i in idx]
         aspects = [encoded.products[i].aspects for i in idx]
         metrics = scores(hyps, refs, aspects)
-        for prefix, keep in (("tail_", lambda n: n <= tail), ("reviewed_", lambda n: n > tail)):
+        for prefix, keep in _subsets(tail)[1:]:
             sel = [k for k, n in enumerate(out["num_reviews"]) if keep(n)]
             if sel:
                 metrics.update({f"{prefix}{k}": v for k, v in scores([hyps[k] for k in sel], [refs[k] for k in sel],
@@ -210,11 +216,9 @@ def aspect_rules(train: list[prod.Product], test: list[prod.Product], lexicon=pr
     `num_aspects` from the type prior (so a product without reviews gets the type prior).
     `num_aspects` defaults to the train mean of true aspects, rounded. Needs `product_type` and `aspects`
     (generated data has both)."""
-    counts: dict[str, dict[str, int]] = {}
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for p in train:
-        for a in p.aspects:
-            counts.setdefault(p.product_type, {}).setdefault(a, 0)
-            counts[p.product_type][a] += 1
+        counts[p.product_type].update(p.aspects)
     k = num_aspects or max(1, round(float(np.mean([len(p.aspects) for p in train]))))
 
     def prior(p, skip=()):
@@ -222,7 +226,7 @@ def aspect_rules(train: list[prod.Product], test: list[prod.Product], lexicon=pr
         return [a for a, _ in ranked if a not in skip]
 
     def from_reviews(p):
-        found = sorted(set().union(set(), *(generation.mentioned_aspects(r, lexicon) for r in p.reviews)))
+        found = sorted(set().union(*(generation.mentioned_aspects(r, lexicon) for r in p.reviews)))
         return found + prior(p, found)[:max(0, k - len(found))]
 
     return {"type prior": [prior(p)[:k] for p in test], "reviews + type prior": [from_reviews(p) for p in test]}
@@ -237,8 +241,7 @@ def aspect_rule_rows(config, splits: dict[str, list[prod.Product]]) -> list[dict
     for name, named in aspect_rules(train, test).items():
         hyps = [" . ".join(prod.ASPECT_PHRASES[a][0] for a in asp) for asp in named]
         row = {"run": f"rule: {name}", "selected_step": "-"}
-        for prefix, keep in (("", lambda n: True), ("tail_", lambda n: n <= config.long_tail_reviews),
-                             ("reviewed_", lambda n: n > config.long_tail_reviews)):
+        for prefix, keep in _subsets(config.long_tail_reviews):
             sel = [i for i, p in enumerate(test) if keep(len(p.reviews))]
             args = ([hyps[i] for i in sel], [test[i].aspects for i in sel], prod.ASPECT_PHRASES)
             row[f"test/{prefix}aspect_coverage"] = 100 * generation.aspect_coverage(*args) if sel else None
