@@ -11,7 +11,8 @@ at the paper's.
 
 Sizes (models built by `jdjax.tasks.prodgen.build_model(config, METHODS[name], V)` from `configs/prodgen.py`):
 - default: the embedded config (2 layers, width 128, 4 heads, mlp 256), source 16 title + 24 attribute
-  tokens, 6 reviews x 24 tokens, target 48, vocabulary V = 2000;
+  tokens, 4 reviews x 24 tokens (the decoder reads every review's tokens, review_memory='all'), target 48,
+  vocabulary V = 2000;
 - paper (`:paper`): 6 layers, width 512, 8 heads, mlp 2048, source 30 + 60, 10 reviews x 50, target 100,
   V = 20000.
 Extended vocabulary V + max_oov, max_oov = max_title + max_attr (the task's). Both at --batch (32), except
@@ -68,8 +69,8 @@ SMOKE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}  # --smoke compil
 NOTES = (
     "ProductGenerator in the 4 methods of jdjax/tasks/prodgen.py (transformer: no reviews, no copy; "
     "transformer_copy: + pointer-generator; reviews_prior: + review memory by the prior, gate, BOW; full: + "
-    "posterior, KL); configs/prodgen.py: default = embedded sizes, source 16+24, 6 reviews x 24, target 48, "
-    "V 2000; paper = :paper sizes, source 30+60, 10 x 50, target 100, V 20000; extended vocab V + Ls. float32, "
+    "posterior, KL); configs/prodgen.py: default = embedded sizes, source 16+24, 4 reviews x 24, target 48, "
+    "V 2000; the decoder reads every review's tokens (review_memory='all'); paper = :paper sizes, source 30+60, 10 x 50, target 100, V 20000; extended vocab V + Ls. float32, "
     "random batches (half the products with 0-1 reviews, 0-3 OOV source words, copied into the target), random "
     "weights N(0, 0.02^2). train: jitted step (value_and_grad of prodgen_loss, the recipe's AdamW); tokens_per_s = "
     "non-pad target tokens/s. beam5: jitted prodgen.generate, beam 5, max_len = target length, recipe length "

@@ -111,8 +111,8 @@ def build_model(config, method: Method, vocab_size: int) -> pg.ProductGenerator:
         vocab_size=vocab_size, max_oov=max_oov(config), num_layers=m.num_layers, width=m.width,
         num_heads=m.num_heads, mlp_dim=m.mlp_dim, max_positions=m.max_positions, dropout=m.dropout,
         share_encoder=m.share_encoder, use_reviews=method.reviews, use_posterior=method.posterior,
-        review_select=m.review_select, review_memory=m.review_memory, gumbel_temperature=m.gumbel_temperature, use_copy=method.copy,
-        use_gate=method.gate, dtype=jnp.dtype(m.dtype))
+        review_select=m.review_select, review_memory=m.review_memory, gumbel_temperature=m.gumbel_temperature,
+        use_copy=method.copy, use_gate=method.gate, gate_bias_init=m.gate_bias_init, dtype=jnp.dtype(m.dtype))
 
 
 def _probe(config) -> dict:

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from benchmarks import harness
+from benchmarks import harness, prodgen_accuracy
 from benchmarks import prodgen as bench
 
 METHODS = ("transformer", "transformer_copy")
@@ -101,7 +101,7 @@ def test_batches_follow_the_task_layout():
 def test_paper_sizes_and_caps():
     """The configs the real run uses, without compiling anything."""
     assert bench.dims_string(bench.size_config("paper"), 20000) == "V20000 Ls30+60 R10x50 Lt100 C512 F2048 h8 x6"
-    assert bench.dims_string(bench.size_config("default"), 2000) == "V2000 Ls16+24 R6x24 Lt48 C128 F256 h4 x2"
+    assert bench.dims_string(bench.size_config("default"), 2000) == "V2000 Ls16+24 R4x24 Lt48 C128 F256 h4 x2"
     assert bench.batches("default", 32) == {"train": 32, "beam": 32}
     assert bench.batches("paper", 32) == {"train": bench.PAPER_CAPS["train"], "beam": bench.PAPER_CAPS["beam"]}
     assert bench.batches("paper", 32, caps=False) == {"train": 32, "beam": 32}
@@ -126,3 +126,13 @@ def test_record_goes_only_where_told(rows, tmp_path, monkeypatch):
     assert [w["benchmark"] for w in written] == ["prodgen"] * len(CASES)
     text = md.read_text()
     assert "## prodgen" in text and "smoke cost copy-head" in text and "Command: `" in text
+
+
+def test_accuracy_rows_keep_every_table_value():
+    """prodgen_accuracy: each table row becomes one case; test/x -> test_x, missing (None) values left out."""
+    runs = [{"run": "full", "selected_step": 800, "test/bleu_4": 35.0, "test/tail_bleu_4": None,
+             "test/reviewed_aspect_coverage": 61.0, "val/bleu_4": 36.0},
+            {"run": "rule: type prior", "selected_step": "-", "test/aspect_coverage": 55.8}]
+    assert prodgen_accuracy.accuracy_rows(runs) == {
+        "full": {"selected_step": 800, "test_bleu_4": 35.0, "test_reviewed_aspect_coverage": 61.0, "val_bleu_4": 36.0},
+        "rule: type prior": {"selected_step": "-", "test_aspect_coverage": 55.8}}

@@ -235,6 +235,20 @@ def test_finite_loss_and_grads(outputs, training):
         assert np.all(np.isfinite(norm)) and norm[0] > 0, name
 
 
+def test_gate_starts_open(setup):
+    """b_g starts at gate_bias_init (3): at init the gate is sigmoid(3 + w . [x; c_rev]), near 1, for products
+    with reviews and exactly 0 without."""
+    _, _, batch = setup
+
+    def run(rng):
+        variables = nn.meta.unbox(MODEL.init(rng, batch))
+        return variables["params"]["gate"]["bias"], MODEL.apply(variables, batch)["gate"]
+
+    bias, gate = compiled(run, jax.random.key(0))
+    np.testing.assert_array_equal(bias, [3.0])
+    assert np.all(gate[:2] > 0.8) and gate[2] == 0.0
+
+
 def test_gumbel_straight_through():
     """The Gumbel pick: one-hot forward weights on a real review (none without reviews), gradients of
     the relaxed softmax back to log pi."""
