@@ -196,9 +196,9 @@ class ProductGenerator(nn.Module):
         def table(rows, axis):
             return nn.Embed(rows, self.width, embedding_init=logical(normal, (axis, "embed")), **kw)
 
-        def dense(features, axes, use_bias=True):
+        def dense(features, axes, use_bias=True, bias=0.0):
             return nn.Dense(features, use_bias=use_bias, kernel_init=logical(nn.initializers.lecun_normal(), axes),
-                            bias_init=logical(nn.initializers.zeros, axes[1:]), **kw)
+                            bias_init=logical(nn.initializers.constant(bias), axes[1:]), **kw)
 
         self.embed = table(self.vocab_size, "vocab")
         self.segment_embed = table(NUM_SEGMENTS, "pos")
@@ -215,8 +215,7 @@ class ProductGenerator(nn.Module):
         self.decoder_layers = [TransformerDecoderLayer(**layer) for _ in range(self.num_layers)]
         self.prior_proj = dense(self.width, ("embed", "mlp"), use_bias=False)  # W_p
         self.posterior_proj = dense(self.width, ("embed", "mlp"), use_bias=False)  # W_q on [x; y]
-        self.gate = nn.Dense(1, kernel_init=logical(nn.initializers.lecun_normal(), ("embed", "classes")),
-                             bias_init=logical(nn.initializers.constant(self.gate_bias_init), ("classes",)), **kw)
+        self.gate = dense(1, ("embed", "classes"), bias=self.gate_bias_init)
         self.bow = dense(self.vocab_size, ("embed", "vocab"))
         self.p_gen = dense(1, ("embed", "classes"))
         self.drop = nn.Dropout(self.dropout)
