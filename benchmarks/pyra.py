@@ -90,9 +90,10 @@ def build_models(config) -> dict:
     return {pyra_task.run_name(m, c): pyra_task.build_model(config, m, c, config.data.num_classes) for m, c in CASES}
 
 
-def random_params(model, image_size: int, seed: int = 0, scale: float = 0.02) -> dict:
+def random_params(model, image_size: int | None = None, seed: int = 0, scale: float = 0.02, example=None) -> dict:
     """Unboxed parameters of `model` from NumPy noise (no `init` compile): N(0, scale^2), norm scales
-    1 + noise. The noise depends only on (seed, parameter path), so models share their common weights."""
+    1 + noise. The noise depends only on (seed, parameter path), so models share their common weights.
+    The model is initialised on one [1, image_size, image_size, 3] image, or on the arrays `example`."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -100,8 +101,9 @@ def random_params(model, image_size: int, seed: int = 0, scale: float = 0.02) ->
 
     from jdjax.train.optim import path_names
 
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    shapes = jax.eval_shape(lambda x: nn.meta.unbox(model.init(jax.random.key(0), x)["params"]), x)
+    if example is None:
+        example = (jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32),)
+    shapes = jax.eval_shape(lambda *x: nn.meta.unbox(model.init(jax.random.key(0), *x)["params"]), *example)
 
     def fill(name, s):
         v = scale * np.random.default_rng([seed, zlib.crc32(name.encode())]).standard_normal(s.shape, np.float32)

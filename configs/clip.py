@@ -57,6 +57,7 @@ def get_config(arg=None):
             "text_heads": 4,
             "drop_path": 0.0,
             "remat": False,
+            "remat_policy": "nothing_saveable",  # what remat keeps: a jax.checkpoint_policies name, e.g. dots_saveable
             "scan": False,
             "dtype": "float32",
         }

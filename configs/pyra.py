@@ -51,6 +51,7 @@ def get_config(arg=None):
             name="",  # '' (the dims below) or a ViT name such as 'B/16'
             patch_size=4, width=64, depth=6, num_heads=4, mlp_dim=128,
             dropout=0.0, drop_path=0.1, lora_rank=4, lora_dropout=0.1, dtype="float32",
+            remat=False, remat_policy="nothing_saveable",  # a jax.checkpoint_policies name, e.g. dots_saveable
         )
     )
     c.schedules = ml_collections.ConfigDict(dict(EMBEDDED_SCHEDULES))

@@ -63,6 +63,7 @@ def get_config(arg=None):
             embed_dim=64, patch_size=8, vision_width=64, vision_layers=6, vision_heads=4,
             context_length=16, vocab_size=0, text_width=64, text_layers=2, text_heads=4,
             lora_rank=8, lora_dropout=0.0, remat=False, dtype="float32",
+            remat_policy="nothing_saveable",  # what remat keeps: a jax.checkpoint_policies name, e.g. dots_saveable
         )
     )
     # TempMe's merging (num_frames comes from data). Embedded: 17 tokens per frame, ImgMe r=1 in

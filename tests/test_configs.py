@@ -80,3 +80,23 @@ def test_every_variant_rejects_a_bad_batch_size_before_writing(tmp_path, spec):
     with pytest.raises(jtasks.UsageError, match=message):
         jtasks.run(cfg, str(workdir))
     assert not workdir.exists()
+
+
+def smoke(name: str):
+    return importlib.import_module(f"configs.{name}").get_config("smoke")
+
+
+REMAT_CONFIGS = [name for name in CONFIGS if "remat_policy" in smoke(name).get("model", {})]
+
+
+def test_remat_policy_configs_found():
+    assert {"clip", "pyra", "tempme"} <= set(REMAT_CONFIGS)
+
+
+@pytest.mark.parametrize("name", REMAT_CONFIGS)
+def test_unknown_remat_policy_fails_validation(name):
+    """A misspelt model.remat_policy is reported with the choices before anything is compiled."""
+    cfg = smoke(name)
+    cfg.model.remat_policy = "dots"
+    assert any(e.startswith("model.remat_policy='dots' is unknown; choose one of") and "'dots_saveable'" in e
+               for e in jtasks.validate(cfg))

@@ -113,7 +113,7 @@ class TempMeVisionTower(CLIPVisionTower):
         plan = tempme.plan_layers(self.temporal, x.shape[1], self.depth)
         x, size, _ = encoder_stack(
             x, encoder_block_kwargs(self, self.num_heads, self.mlp_dim or 4 * self.width, merge=self.merge),
-            [0] * self.depth, deterministic=not train, remat=self.remat,
+            [0] * self.depth, deterministic=not train, remat=self.remat, remat_policy=self.remat_policy,
             layer_kwargs=[layer_hooks(p, self.param_dtype) for p in plan],
         )  # [B F_L, N_L, C]
         cls = einops.rearrange(x[:, : plan[-1].num_cls], "(b f) k c -> b (f k) c", b=b)  # [B, T, C], frame order

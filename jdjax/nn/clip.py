@@ -87,8 +87,8 @@ def _normal(std: float):
 class CLIPVisionTower(ImageEncoder):
     """Patches (no bias) + class embedding + positions -> ln_pre -> blocks -> ln_post(CLS) -> proj.
 
-    Attributes: see CLIP; attention_dropout, drop_path, merge, lora, remat, scan are keyword-only
-    (jdjax.nn.vit.ImageEncoder).
+    Attributes: see CLIP; attention_dropout, drop_path, merge, lora, remat, remat_policy, scan are
+    keyword-only (jdjax.nn.vit.ImageEncoder).
     """
 
     embed_dim: int = 512
@@ -115,7 +115,8 @@ class CLIPVisionTower(ImageEncoder):
         x = image_tokens(self, images)  # [B, N, C]
         x, size, source = encoder_stack(
             x, encoder_block_kwargs(self, self.num_heads, self.mlp_dim or 4 * self.width, merge=self.merge),
-            self.merge.schedule(self.depth), deterministic=not train, remat=self.remat, scan=self.scan,
+            self.merge.schedule(self.depth), deterministic=not train, remat=self.remat,
+            remat_policy=self.remat_policy, scan=self.scan,
         )  # [B, N_L, C]
         out = project_class_tokens(self, x[:, 0])  # [B, E]
         return (out, merge_info(x, size, source, self.merge.trace_source)) if return_info else out
@@ -170,6 +171,7 @@ class CLIPTextTower(nn.Module):
     drop_path: float = 0.0
     lora: LoRAConfig = LoRAConfig()
     remat: bool = False
+    remat_policy: str = "nothing_saveable"
     scan: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -206,7 +208,7 @@ class CLIPTextTower(nn.Module):
             attn_mask = attn_mask & mask.astype(bool)[:, None, None, :]  # [B, 1, T, T]
         x, _, _ = encoder_stack(
             x, encoder_block_kwargs(self, self.num_heads, self.mlp_dim or 4 * d), [0] * self.depth,
-            mask=attn_mask, deterministic=not train, remat=self.remat, scan=self.scan,
+            mask=attn_mask, deterministic=not train, remat=self.remat, remat_policy=self.remat_policy, scan=self.scan,
         )  # [B, T, D]
         x = layer_norm("ln_final", self.ln_eps, self.dtype, self.param_dtype)(x)
         if self.eot_token_id is None:
@@ -228,13 +230,16 @@ def l2_normalize(x, eps: float = 1e-12):
 def resnet_tower(*, embed_dim: int, image_size, width: int, depth, num_heads: int, pos_interpolation=None,
                  remat: bool = False, dtype=jnp.float32, param_dtype=jnp.float32, merge: MergeConfig = MergeConfig(),
                  lora: LoRAConfig = LoRAConfig(), attention_dropout: float = 0.0, drop_path: float = 0.0,
-                 scan: bool = False, patch_size=None, mlp_dim=None, ln_eps=None, activation=None) -> ModifiedResNet:
+                 scan: bool = False, remat_policy: str = "nothing_saveable", patch_size=None, mlp_dim=None,
+                 ln_eps=None, activation=None) -> ModifiedResNet:
     """CLIP's image-tower keyword arguments -> ModifiedResNet(layers=depth, width, heads=num_heads,
     output_dim=embed_dim, ...). patch_size, mlp_dim, ln_eps and activation have no meaning in a ResNet
-    and are ignored; the ViT-only options (merge, lora, attention_dropout, drop_path, scan) must be off."""
+    and are ignored; the ViT-only options (merge, lora, attention_dropout, drop_path, scan, remat_policy: the
+    ResNet's remat recomputes whole Bottlenecks) must be off."""
     used = {name: value for name, value, off in (("merge", merge, MergeConfig()), ("lora", lora, LoRAConfig()),
                                                  ("attention_dropout", attention_dropout, 0.0),
-                                                 ("drop_path", drop_path, 0.0), ("scan", scan, False))
+                                                 ("drop_path", drop_path, 0.0), ("scan", scan, False),
+                                                 ("remat_policy", remat_policy, "nothing_saveable"))
             if value != off}
     if used:
         raise ValueError(f"the ResNet image tower (vision_layers={tuple(depth)}) has no transformer blocks, so "
@@ -260,7 +265,7 @@ class CLIP(nn.Module):
       pos_interpolation: resample the image position embedding for another resolution.
       merge: the image tower's token merging (MergeConfig; the text tower never merges).
       lora: LoRA in both towers (LoRAConfig; text_lora=False: image tower only).
-      remat, scan, dtype, param_dtype: as in ViT.
+      remat, remat_policy, scan, dtype, param_dtype: as in ViT (remat_policy: the transformer towers only).
     """
 
     embed_dim: int = 512
@@ -286,6 +291,7 @@ class CLIP(nn.Module):
     lora: LoRAConfig = LoRAConfig()
     text_lora: bool = True
     remat: bool = False
+    remat_policy: str = "nothing_saveable"
     scan: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -302,7 +308,7 @@ class CLIP(nn.Module):
         (e.g. SCPNet) holds them as fields named 'visual' and 'text', so CLIP checkpoints load into it."""
         common = dict(embed_dim=self.embed_dim, ln_eps=self.ln_eps, activation=self.activation,
                       attention_dropout=self.attention_dropout, drop_path=self.drop_path, remat=self.remat,
-                      scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype)
+                      remat_policy=self.remat_policy, scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype)
         visual = self.vision_tower(
             image_size=self.image_size, patch_size=self.patch_size, width=self.vision_width, depth=self.vision_layers,
             num_heads=self.vision_heads, mlp_dim=self.vision_mlp_dim, pos_interpolation=self.pos_interpolation,

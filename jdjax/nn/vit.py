@@ -53,14 +53,25 @@ VIT_SIZES = {
     "H": (1280, 32, 16, 5120),
 }
 
+def exact_gelu(x):
+    """x Phi(x) = x (1 + erf(x / sqrt 2)) / 2, the exact GELU of Google ViT, timm and Hugging Face ViT,
+    written with erf as torch does. `jax.nn.gelu(approximate=False)` (written with erfc) gives the
+    same values to 1e-7 but, fused beside the MLP's matmuls, ran the ViT-B/16 MLP's forward 1.4x and
+    its backward 2x slower on XLA:CPU (benchmarks/roofline.py, ablation rows)."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 ACTIVATIONS = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),  # exact (erf) GELU: Google ViT, timm, HF ViT
+    "gelu": exact_gelu,
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
     "relu": nn.relu,
 }
 
 MERGE_MODES = ("tome", "pyra")
+
+# What a rematerialised block keeps from its forward pass (jax.checkpoint_policies); the rest is recomputed.
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +143,14 @@ def activation_fn(name: str):
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}.")
     return ACTIVATIONS[name]
+
+
+def checkpoint_policy(name: str):
+    """'dots_saveable' -> jax.checkpoint_policies.dots_saveable (the `policy` of nn.remat); one of REMAT_POLICIES."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy={name!r} is unknown; choose one of {list(REMAT_POLICIES)} "
+                         "(names in jax.checkpoint_policies; 'nothing_saveable' recomputes the whole block).")
+    return getattr(jax.checkpoint_policies, name)
 
 
 def layer_norm(name: str, eps: float, dtype, param_dtype):
@@ -490,6 +509,7 @@ def encoder_stack(
     mask=None,
     deterministic: bool = True,
     remat: bool = False,
+    remat_policy: str = "nothing_saveable",
     scan: bool = False,
     layer_kwargs: Sequence[dict] | None = None,
 ):
@@ -500,6 +520,7 @@ def encoder_stack(
       x: [B, N, C]; block_kwargs: EncoderBlock attributes other than r and name.
       schedule: r per layer (static ints).
       remat: rematerialise each block in the backward pass (saves activation memory).
+      remat_policy: what a rematerialised block saves, a name in REMAT_POLICIES (checked even without remat).
       scan: `nn.scan` over layers (one compiled block, stacked parameters). Only for a schedule
         of zeros: a merge changes the token count, which a scan carry cannot.
       layer_kwargs: per layer, extra EncoderBlock attributes (e.g. the pre/post-attention hooks).
@@ -507,7 +528,9 @@ def encoder_stack(
     Returns:
       (x [B, N_L, C], size, source).
     """
-    block_cls = nn.remat(EncoderBlock, static_argnums=(5,)) if remat else EncoderBlock  # (self, x, size, source, mask, det)
+    policy = checkpoint_policy(remat_policy)  # raises on an unknown name, with or without remat
+    # remat: (self, x, size, source, mask, deterministic), deterministic static
+    block_cls = nn.remat(EncoderBlock, static_argnums=(5,), policy=policy) if remat else EncoderBlock
     if scan:
         if any(schedule) or any(layer_kwargs or ()):
             raise ValueError(
@@ -566,6 +589,7 @@ class ImageEncoder(nn.Module, kw_only=True):
       merge: token merging (MergeConfig: schedule r, mode, prop_attn, trace_source, ...).
       lora: LoRA in every block (jdjax.nn.lora.LoRAConfig).
       remat, scan: rematerialised blocks; nn.scan over layers (only without merging).
+      remat_policy: what a rematerialised block saves from its forward pass (a name in REMAT_POLICIES).
     """
 
     attention_dropout: float = 0.0
@@ -573,6 +597,7 @@ class ImageEncoder(nn.Module, kw_only=True):
     merge: MergeConfig = MergeConfig()
     lora: LoRAConfig = LoRAConfig()
     remat: bool = False
+    remat_policy: str = "nothing_saveable"
     scan: bool = False
 
     def token_counts(self, image_size: int | tuple[int, int] | None = None) -> list[int]:
@@ -599,7 +624,7 @@ class ViT(ImageEncoder):
       pos_interpolation: None (a different input grid is an error), 'bicubic' or 'bilinear'
         to resample the position embedding on the fly (see interpolate_pos_embedding).
       activation, qkv_bias: as in EncoderBlock.
-      attention_dropout, drop_path, merge, lora, remat, scan: keyword-only, see ImageEncoder.
+      attention_dropout, drop_path, merge, lora, remat, remat_policy, scan: keyword-only, see ImageEncoder.
     """
 
     num_classes: int
@@ -639,7 +664,8 @@ class ViT(ImageEncoder):
         blocks = encoder_block_kwargs(self, self.num_heads, self.mlp_dim, dropout=self.dropout, qkv_bias=self.qkv_bias,
                                       merge=self.merge)
         x, size, source = encoder_stack(
-            x, blocks, self.merge.schedule(self.depth), deterministic=not train, remat=self.remat, scan=self.scan
+            x, blocks, self.merge.schedule(self.depth), deterministic=not train, remat=self.remat,
+            remat_policy=self.remat_policy, scan=self.scan,
         )  # [B, N_L, C]
         x = layer_norm("encoder_norm", self.ln_eps, self.dtype, self.param_dtype)(x)
         feature = x[:, 0]  # [B, C]

@@ -216,7 +216,8 @@ def model_kwargs(config, vocab_size: int) -> dict:
     dims = model_dims(m)
     return {
         **dims, "image_size": config.data.image_size, "vocab_size": dims["vocab_size"] or vocab_size,
-        "drop_path": m.drop_path, "remat": m.remat, "scan": m.scan, "dtype": jnp.dtype(m.dtype),
+        "drop_path": m.drop_path, "remat": m.remat, "remat_policy": m.remat_policy, "scan": m.scan,
+        "dtype": jnp.dtype(m.dtype),
     }
 
 

@@ -67,7 +67,8 @@ def build_model(config, method: str, compression: str, num_classes: int, lora: b
     merge_r = [] if method == "lora" else merge_schedule(config, compression)
     return ViT(
         num_classes=num_classes, **model_dims(m), image_size=config.data.image_size,
-        dropout=m.dropout, drop_path=m.drop_path, dtype=jnp.dtype(m.dtype),
+        dropout=m.dropout, drop_path=m.drop_path, dtype=jnp.dtype(m.dtype), remat=m.remat,
+        remat_policy=m.remat_policy,
         lora=LoRAConfig(rank=m.lora_rank, dropout=m.lora_dropout) if lora else LoRAConfig(),
         merge=MergeConfig(r=merge_r, mode="pyra" if method == "pyra" else "tome", prop_attn=True),
     )

@@ -125,7 +125,7 @@ def build_model(config, method: str, vocab_size: int) -> TempMeCLIP:
     m = config.model
     lora = LoRAConfig(rank=m.lora_rank, dropout=m.lora_dropout) if config.mode == "peft" else LoRAConfig()
     return TempMeCLIP(**clip_kwargs(config, vocab_size), temporal=temporal_config(config, method), lora=lora,
-                      remat=m.remat, dtype=jnp.dtype(m.dtype))
+                      remat=m.remat, remat_policy=m.remat_policy, dtype=jnp.dtype(m.dtype))
 
 
 def text_mask(ids):

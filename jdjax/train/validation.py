@@ -2,9 +2,10 @@
 
 `loop_config_errors(config)` lists every problem of the sections the loop reads (batch sizes
 against the mesh and the process count, the mesh itself, sharding rules, step counts,
-optimizer, EMA decay, checkpoint selection, data and init_from paths) before anything is
-compiled or written. `jdjax.tasks.validate` runs it on every config a task will hand to the loop, and
-`train_and_evaluate` runs it again as a guard for callers that reach the loop directly.
+optimizer, EMA decay, checkpoint selection, model.remat_policy, data and init_from paths)
+before anything is compiled or written. `jdjax.tasks.validate` runs it on every config a task
+will hand to the loop, and `train_and_evaluate` runs it again as a guard for callers that reach
+the loop directly.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 import jax
 
 from jdjax import io
+from jdjax.nn.vit import checkpoint_policy
 from jdjax.train import sharding as shd
 from jdjax.train.optim import OPTIMIZERS, SCHEDULES
 
@@ -57,6 +59,11 @@ def loop_config_errors(config) -> list[str]:
                       f"{config.ema_decay}.")
     if config.checkpoint.best_mode not in ("max", "min"):
         errors.append(f"checkpoint.best_mode must be 'max' or 'min', got {config.checkpoint.best_mode!r}.")
+    if "model" in config and "remat_policy" in config.model:
+        try:
+            checkpoint_policy(config.model.remat_policy)
+        except ValueError as e:
+            errors.append(f"model.{e}")
     data_dir = config.data.get("data_dir", "") if "data" in config else ""
     if data_dir and not io.as_path(data_dir).is_dir():
         errors.append(f"data.data_dir={data_dir!r} does not exist; point it at the prepared data directory.")

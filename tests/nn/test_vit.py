@@ -1,5 +1,6 @@
 """ViT: config, layout and logical names, r = 0 equals the plain model, NumPy reference, position embeddings."""
 
+import functools
 import math
 
 import chex
@@ -12,7 +13,7 @@ import pytest
 from jdjax.nn import vit as vit_lib
 from jdjax.nn.attention import MultiHeadAttention
 from jdjax.nn.lora import LoRAConfig
-from jdjax.nn.vit import MergeConfig, ViT, interpolate_pos_embedding, vit_config
+from jdjax.nn.vit import MergeConfig, ViT, exact_gelu, interpolate_pos_embedding, vit_config
 from jdjax.train import sharding as shd
 
 TINY = dict(num_classes=5, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64)  # = conftest.TINY_VIT
@@ -120,7 +121,7 @@ class PlainMlp(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = nn.gelu(nn.Dense(self.mlp_dim, name="fc1")(x), approximate=False)
+        h = exact_gelu(nn.Dense(self.mlp_dim, name="fc1")(x))  # == jax.nn.gelu: test_exact_gelu_equals_the_library_gelu
         return nn.Dense(x.shape[-1], name="fc2")(h)
 
 
@@ -243,3 +244,15 @@ def test_vit_at_another_resolution(base_params, nn_helpers):
     np.testing.assert_allclose(on_the_fly, once, rtol=1e-6, atol=1e-6)
     shapes = nn_helpers.param_shapes(model, jnp.zeros((1, 24, 24, 3)))
     assert shapes["params"]["pos_embedding"].shape == (1, 37, 32)
+
+
+def test_exact_gelu_equals_the_library_gelu():
+    """exact_gelu (erf, chosen for XLA:CPU speed: benchmarks/roofline.py ablation rows) is
+    jax.nn.gelu(approximate=False) (erfc): values and derivatives, tails included; dtype kept. Below
+    x = -5 the erf form rounds 1 + erf to 0 (as torch's GELU does), an absolute error under 1e-6."""
+    x = jnp.linspace(-12.0, 12.0, 4001, dtype=jnp.float32)
+    library = functools.partial(jax.nn.gelu, approximate=False)
+    np.testing.assert_allclose(exact_gelu(x), library(x), rtol=1e-6, atol=1e-6)
+    grad = jax.vmap(jax.grad(exact_gelu))(x)
+    np.testing.assert_allclose(grad, jax.vmap(jax.grad(library))(x), rtol=1e-6, atol=1e-6)
+    assert exact_gelu(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16

@@ -1,4 +1,5 @@
-"""ViT options: bf16 compute and parameters, remat and scan equal the plain loop, train-mode randomness."""
+"""ViT options: bf16 compute and parameters, remat (with a checkpoint policy) and scan equal the plain
+loop, train-mode randomness."""
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,23 @@ def test_remat_and_scan_equal_plain_loop(base_params, x):
     val, g = loss(ViT(**TINY, scan=True, remat=True))(stacked)
     np.testing.assert_allclose(val, ref, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g, _stack_blocks(g_ref, 2))
+
+
+def test_remat_policy_keeps_outputs_and_gradients(base_params, x):
+    """remat_policy='dots_saveable' reaches every block's jax.checkpoint and changes no number."""
+    model = ViT(**TINY, remat=True, remat_policy="dots_saveable")
+    jaxpr = str(jax.make_jaxpr(model.apply)(base_params, x))
+    assert jaxpr.count(f"policy={jax.checkpoint_policies.dots_saveable}") == TINY["depth"]
+    loss = lambda m: jax.jit(jax.value_and_grad(lambda p: jnp.sum(m.apply(p, x) ** 2)))  # noqa: E731
+    np.testing.assert_array_equal(jax.jit(model.apply)(base_params, x), jax.jit(ViT(**TINY).apply)(base_params, x))
+    (val, g), (ref, g_ref) = loss(model)(base_params), loss(ViT(**TINY))(base_params)
+    np.testing.assert_allclose(val, ref, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g, g_ref)
+
+
+def test_unknown_remat_policy_names_the_choices(x):
+    with pytest.raises(ValueError, match=r"remat_policy='dots' is unknown; choose one of \[.*'dots_saveable'"):
+        jax.eval_shape(ViT(**TINY, remat=True, remat_policy="dots").init, jax.random.key(0), x)
 
 
 def test_train_mode_dropout_drop_path_remat(base_params, x):

@@ -74,6 +74,44 @@ def test_only_lora_pyra_and_head_are_trainable():
     assert any("attn/qkv/kernel" in n for n in frozen) and any("mlp/fc1" in n for n in frozen)
 
 
+def primitive_dtypes(jaxpr) -> dict[str, set[str]]:
+    """primitive name -> dtypes of its operands, over `jaxpr` and every sub-jaxpr (jit, remat, vmap bodies)."""
+    out = {}
+    for eqn in jaxpr.eqns:
+        out.setdefault(eqn.primitive.name, set()).update(str(v.aval.dtype) for v in eqn.invars
+                                                         if hasattr(v.aval, "dtype"))
+        for sub in jax.tree.leaves(list(eqn.params.values()), is_leaf=lambda v: hasattr(v, "eqns")):
+            for name, dtypes in (primitive_dtypes(sub) if hasattr(sub, "eqns") else {}).items():
+                out.setdefault(name, set()).update(dtypes)
+    return out
+
+
+def test_bf16_compute_keeps_f32_parameters_matching_and_softmax():
+    """model.dtype='bfloat16': float32 parameters, the matmuls in bf16, logits close to the float32
+    model's at the same parameters; matching (argmax, sort), softmax (exp), PYRA's sigmoids and the
+    merged sizes stay float32."""
+    f32 = config()
+    bf16 = config(**{"model.dtype": "bfloat16"})
+    model32, model16 = (pyra.build_model(c, "pyra", "high", c.data.num_classes) for c in (f32, bf16))
+    size = f32.data.image_size
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, size=(4, size, size, 3)), jnp.float32)  # [B, S, S, 3]
+    shapes = abstract_params(model16, size)  # the same tree as model32's
+    assert {s.dtype for s in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
+    rng = np.random.default_rng(1)  # random values everywhere: LoRA B, W_D and the head are zero at init
+    params = {"params": jax.tree.map(lambda s: jnp.asarray(0.2 * rng.normal(size=s.shape), s.dtype),
+                                     nn.meta.unbox(shapes))}
+    run = lambda m: compiled(lambda p, x: m.apply(p, x, return_info=True), params, x)  # noqa: E731
+    (logits32, _), (logits16, info16) = run(model32), run(model16)
+    assert logits16.dtype == jnp.float32 and info16["tokens"].dtype == jnp.bfloat16
+    assert info16["size"].dtype == jnp.float32 and info16["tokens"].shape[1] == model16.token_counts()[-1]
+    scale = float(np.abs(logits32).max())
+    np.testing.assert_allclose(logits16, logits32, atol=5e-2 * scale)
+    dtypes = primitive_dtypes(jax.make_jaxpr(lambda p, x: model16.apply(p, x, return_info=True))(params, x).jaxpr)
+    assert "bfloat16" in dtypes["dot_general"] and "bfloat16" in dtypes["conv_general_dilated"]
+    for name in ("argmax", "sort", "exp", "logistic"):  # matching, softmax, PYRA's modulation
+        assert "bfloat16" not in dtypes[name], (name, dtypes[name])
+
+
 def test_pyra_learning_rate_reaches_the_pyra_weights():
     """One Adam step moves each parameter by ~lr; the PYRA weights must move by pyra_learning_rate."""
     cfg = config(**{"optimizer.schedule": "constant", "optimizer.warmup_steps": 0, "optimizer.grad_clip_norm": 0.0,
