@@ -5,6 +5,7 @@ next to transformers' PyTorch ViT-B/16 timed in the same rounds.
     python -m benchmarks.roofline --batch_sizes=1,8,32 --repeats=7
     python -m benchmarks.roofline --notrain --norecord # forward only, print the rows
     python -m benchmarks.roofline --smoke              # tiny models, records nothing
+    python -m benchmarks.roofline --profile            # kernel-time shares by kind (jax.profiler trace)
 
 Per batch size every function below is compiled ahead of time (compile_s), run once, then all
 are timed in --repeats interleaved rounds (`harness.interleaved`: every function once per round,
@@ -363,6 +364,90 @@ def record_rows(rows: list[dict], name: str, write: bool = True) -> None:
                        smoke=not write)
 
 
+# ----------------------------------------------------------------------------- profile
+
+
+def hlo_categories(hlo_text: str) -> dict[str, str]:
+    """{instruction name: category} for the top-level instructions of an optimised HLO module:
+    'matmul' (a fusion around one dot), 'attention' (two dots, or a dot with the softmax's exp),
+    'convolution', 'gather / scatter / sort' (the merge kernels), or 'elementwise and copies'."""
+    import re
+
+    body: dict[str, list[str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace():
+            m = re.match(r"(?:ENTRY )?%?([\w.\-]+) ", line)
+            current = m.group(1) if m else None
+            body[current] = []
+        elif current is not None:
+            body[current].append(line)
+
+    def ops(comp: str) -> list[str]:
+        return re.findall(r"= \S+ ([\w\-]+)\(", "\n".join(body.get(comp, [])))
+
+    out = {}
+    for line in (x for lines in body.values() for x in lines):
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(", line)
+        if not m:
+            continue
+        called = re.search(r"calls=%?([\w.\-]+)", line)
+        kinds = ops(called.group(1)) if called else [m.group(2)]
+        if kinds.count("dot") >= 2 or ("dot" in kinds and "exponential" in kinds):
+            out[m.group(1)] = "attention"
+        elif "dot" in kinds:
+            out[m.group(1)] = "matmul"
+        elif "convolution" in kinds:
+            out[m.group(1)] = "convolution"
+        elif {"gather", "scatter", "sort"} & set(kinds):
+            out[m.group(1)] = "gather / scatter / sort"
+        else:
+            out[m.group(1)] = "elementwise and copies"
+    return out
+
+
+def profile(apply, params, x, calls: int = 3) -> dict[str, float]:
+    """{category: share (%) of the executed kernels' time} of jit(apply)(params, x), from a
+    `jax.profiler` trace of `calls` runs: each XLA:CPU thunk's duration, grouped by hlo_categories.
+    Thunks may overlap on the two cores, so the shares are of summed kernel time, not wall time."""
+    import collections
+    import glob
+    import gzip
+    import json
+    import tempfile
+
+    import jax
+
+    compiled = jax.jit(apply).lower(params, x).compile()
+    categories = hlo_categories(compiled.as_text())
+    for _ in range(2):
+        jax.block_until_ready(compiled(params, x))
+    with tempfile.TemporaryDirectory() as logdir:
+        with jax.profiler.trace(logdir, create_perfetto_trace=True):
+            for _ in range(calls):
+                jax.block_until_ready(compiled(params, x))
+        (trace,) = glob.glob(f"{logdir}/**/*.trace.json.gz", recursive=True)
+        with gzip.open(trace) as f:
+            events = json.load(f)["traceEvents"]
+    total = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("name") in categories:
+            total[categories[e["name"]]] += e.get("dur", 0)
+    summed = sum(total.values())
+    return {k: 100 * v / summed for k, v in total.most_common()}
+
+
+def profile_rows(smoke: bool) -> list[dict]:
+    """The kernel-time shares of ViT-B/16 dense at batch 8 and ToMe r=16 at batch 1."""
+    cases, _ = jax_models(smoke)
+    rows = []
+    for label, batch in (("vit dense", 8), ("vit tome r=16", 1)):
+        _, apply, example, params = cases[label]
+        shares = profile(apply, params, example(batch))
+        rows.append({"case": f"profile {label}", "batch": batch, **{f"pct {k}": v for k, v in shares.items()}})
+    return rows
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -375,10 +460,14 @@ def _define_flags():
     flags.DEFINE_integer("repeats", 5, "Interleaved timing rounds (one call per function each; medians).")
     flags.DEFINE_bool("record", True, "Append to benchmarks/results.jsonl and regenerate RESULTS.md.")
     flags.DEFINE_bool("smoke", False, "Tiny models, batch 2, two rounds; records nothing.")
+    flags.DEFINE_bool("profile", False, "Instead of timing: the share of kernel time per kind of kernel "
+                      "(jax.profiler trace) of ViT-B/16 dense at batch 8 and ToMe r=16 at batch 1.")
 
 
 def main(argv):
     from absl import app, flags
+
+    from benchmarks import harness
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -387,6 +476,11 @@ def main(argv):
     batches = [2] if smoke else [int(b) for b in f.batch_sizes]
     train_batch = (2 if smoke else f.train_batch) if f.train else 0
     repeats = 2 if smoke else f.repeats
+    if f.profile:
+        for row in profile_rows(smoke):
+            harness.record(BENCHMARK, f"{'smoke' if smoke else 'B/16 224px fp32'} b{row['batch']} {row['case']}",
+                           {k: v for k, v in row.items() if k != "case"}, smoke=smoke or not f.record)
+        return
     print(f"roofline: batches {batches}, train batch {train_batch or '-'}, {repeats} rounds; "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
     rows = measure(batches, train_batch, repeats, smoke=smoke)

@@ -53,6 +53,7 @@ VIT_SIZES = {
     "H": (1280, 32, 16, 5120),
 }
 
+
 def exact_gelu(x):
     """x Phi(x) = x (1 + erf(x / sqrt 2)) / 2, the exact GELU of Google ViT, timm and Hugging Face ViT,
     written with erf as torch does. `jax.nn.gelu(approximate=False)` (written with erfc) gives the

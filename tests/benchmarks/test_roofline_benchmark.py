@@ -59,3 +59,12 @@ def test_smoke_rows_are_not_recorded(rows):
     assert os.path.getmtime(harness.RESULTS_JSONL) == before
     text = bench.summary(rows)
     assert all(case in text for case in FORWARD + TRAIN)
+
+
+def test_profile_shares_cover_the_kernels():
+    """--profile: every traced kernel falls in a category; the shares add up to 100 and the
+    matmuls are among them (the tiny ViT's dense layers)."""
+    for row in bench.profile_rows(smoke=True):
+        shares = {k: v for k, v in row.items() if k.startswith("pct ")}
+        assert sum(shares.values()) == pytest.approx(100.0)
+        assert shares.get("pct matmul", 0) > 0, row
