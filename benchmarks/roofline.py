@@ -167,8 +167,8 @@ def torch_forward(model, batch: int, size: int):
 
 
 def torch_train_step(model, batch: int, size: int):
-    """One full fine-tuning step (CE, AdamW) from a fixed state: the model is a deep copy each call
-    would be too slow, so the step updates the copy in place; throughput does not depend on it."""
+    """One full fine-tuning step (CE, AdamW) of a copy of `model`; the copy keeps training from call
+    to call (throughput does not depend on the weights), while the jax steps restart from one state."""
     import copy
 
     import torch
