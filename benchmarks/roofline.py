@@ -281,19 +281,18 @@ def measure(batch_sizes, train_batch: int | None, repeats: int, smoke: bool = Fa
         for label, (model, apply, example, params) in cases.items():
             if train and label not in ("vit dense", "pyra-high"):
                 continue
-            x = example(batch)
+            x, y = example(batch), jnp.zeros((batch,), jnp.int32)
             if not train:
                 call, compile_s, gflop = _compiled(apply, params, x)
+                gflop /= batch
             elif label == "vit dense":
-                y = jnp.zeros((batch,), jnp.int32)
                 call, compile_s, gflop = jax_full_train_step(apply, params, x, y)
-            else:
-                y = jnp.zeros((batch,), jnp.int32)
+                gflop /= batch
+            else:  # train_step_fn reports GFLOP per image
                 call, compile_s, gflop, _ = pyra_bench.train_step_fn(model, params, pyra_config, x, y)
-                gflop *= batch  # train_step_fn reports per image
             name = f"{label} train" if train else label
             fns[name] = call
-            info[name] = dict(compile_s=compile_s, gflop=gflop / batch, bytes=_param_bytes(params), framework="jax")
+            info[name] = dict(compile_s=compile_s, gflop=gflop, bytes=_param_bytes(params), framework="jax")
             log(f"  b{batch} {name}: compiled in {compile_s:.1f} s", flush=True)
         if train:
             for name, (fn, args) in ablations(batch, smoke).items():
