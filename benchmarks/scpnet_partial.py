@@ -73,10 +73,7 @@ def main(base, workdir: str) -> None:
     methods = [m.strip() for m in _METHODS.value.split(",")]
     tasks.check(base)
     data = scpnet.load_data(base.data)
-    pre = sweep.run_sweep(workdir, [scpnet.pretrain_job(base, data)], desc="scpnet_partial")
-    if pre.status != sweep.COMPLETED:
-        raise SystemExit(f"scpnet_partial: pretraining {pre.status} {pre.failed or ''}; rerun to resume.")
-    backbone = scpnet.export_backbone(base, data, os.path.join(workdir, "pretrain"), pre.results["pretrain"])
+    backbone = scpnet.pretrained_backbone(base, data, workdir, "scpnet_partial")
     jobs = []
     for p in proportions:
         for seed in seeds:

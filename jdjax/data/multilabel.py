@@ -26,6 +26,9 @@ Generative process of one image (image i of a split depends only on (seed, split
      3 for the defaults): radius 0.30-0.42 of the cell, centre jittered within the cell, colour
      the palette colour x gain 0.8-1.0 + offset +-0.05 per channel; background tint 0-0.15 per
      channel, Gaussian pixel noise (sigma 0.03). Every image has at least 2 labels.
+  5. (`faint` > 0) each object is faint with probability `faint`: its colour is background +
+     contrast x (colour - background), contrast uniform in FAINT_CONTRAST (0.08-0.20). `salient`
+     [N, C] marks the objects drawn at full contrast; the pretraining captions name only those.
 Caption (for CLIP pre-training): the objects in reading order of their cells, "a photo of a red
 circle, a green cross and a blue triangle." Splits 'pretrain' (fully labelled, captioned, for a
 tiny CLIP on the same distribution), 'train', 'val' and 'test' use different seeds, so their
@@ -125,6 +128,7 @@ _MASKS = ("disk", "square", "triangle", "cross")  # jdjax.data.images shape name
 MAX_CLASSES = len(COLOURS) * len(SHAPES)
 P_SECOND_CLIQUE, P_MEMBER, MIN_MEMBERS, P_DISTRACTOR = 0.25, 0.7, 2, 0.2
 RADIUS = (0.30, 0.42)  # object radius, fraction of the grid cell
+FAINT_CONTRAST = (0.08, 0.20)  # a faint object's colour: background + contrast x (colour - background)
 NOISE = 0.03
 SCENE_SPLITS = {**SPLIT_SEEDS, "pretrain": 3}
 DEFAULT_SCENE_SIZES = {"pretrain": 4000, "train": 2000, "val": 500, "test": 1000}
@@ -138,11 +142,14 @@ class LabelledImages:
       images: uint8 [N, S, S, 3] pixels (generated data) or N image file paths (read lazily).
       labels: uint8 [N, C] full labels, 0/1.
       captions: N captions (generated data) or None.
+      salient: uint8 [N, C], generated data: the present objects drawn at full contrast (labels minus
+        the faint ones), or None.
     """
 
     images: np.ndarray | tuple[str, ...]
     labels: np.ndarray
     captions: tuple[str, ...] | None = None
+    salient: np.ndarray | None = None  # uint8 [N, C] generated data: the objects drawn at full contrast
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -206,13 +213,17 @@ def _join(items: list[str]) -> str:
 
 
 def shape_scenes(
-    split: str, num_images: int, image_size: int = 48, num_classes: int = 16, num_cliques: int = 4, seed: int = 0
+    split: str, num_images: int, image_size: int = 48, num_classes: int = 16, num_cliques: int = 4, seed: int = 0,
+    faint: float = 0.0,
 ) -> LabelledImages:
-    """`num_images` generated multi-label images of one split (see the module docstring).
+    """`num_images` generated multi-label images of one split (see the module docstring); each object
+    is drawn faint (contrast FAINT_CONTRAST against the background) with probability `faint`.
 
-    Returns LabelledImages with images uint8 [N, S, S, 3], labels uint8 [N, C] and captions.
+    Returns LabelledImages with images uint8 [N, S, S, 3], labels and salient uint8 [N, C] and captions.
     """
     _check_scene_args(split, num_images, image_size, num_classes, num_cliques)
+    if not 0.0 <= faint < 1.0:
+        raise ValueError(f"faint={faint} must be a probability in [0, 1).")
     clique = scene_cliques(num_classes, num_cliques)
     names = scene_class_names(num_classes)
     grid = math.ceil(math.sqrt(2 * (num_classes // num_cliques) + 1))
@@ -220,23 +231,31 @@ def shape_scenes(
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5  # [S, S] pixel centres
     images = np.empty((num_images, s, s, 3), np.uint8)
     labels = np.zeros((num_images, num_classes), np.uint8)
+    salient = np.zeros((num_images, num_classes), np.uint8)
     captions = []
     for i in range(num_images):
         rng = np.random.default_rng([seed, SCENE_SPLITS[split], i])
         present = _scene_classes(rng, clique, num_cliques)
         cells = rng.permutation(grid * grid)[: len(present)]
-        image = np.broadcast_to(rng.uniform(0.0, 0.15, 3).astype(np.float32), (s, s, 3)).copy()  # [S, S, 3]
-        for c, pos in zip(present, cells):
+        background = rng.uniform(0.0, 0.15, 3).astype(np.float32)
+        image = np.broadcast_to(background, (s, s, 3)).copy()  # [S, S, 3]
+        # Drawn after the layout so that faint = 0 leaves every image as it was.
+        faded = np.random.default_rng([seed, SCENE_SPLITS[split], i, 1]).random(len(present)) < faint
+        for c, pos, fade in zip(present, cells, faded):
             radius = rng.uniform(*RADIUS) * cell
             cy, cx = (np.array(divmod(int(pos), grid)) + 0.5) * cell + rng.uniform(-1, 1, 2) * (cell / 2 - radius)
             colour = np.clip(PALETTE[c // len(SHAPES)] * rng.uniform(0.8, 1.0) + rng.uniform(-0.05, 0.05, 3), 0, 1)
+            if fade:
+                colour = background + rng.uniform(*FAINT_CONTRAST) * (colour - background)
+            else:
+                salient[i, c] = 1
             image[_shape_mask(_MASKS[c % len(SHAPES)], yy, xx, cy, cx, radius)] = colour
         image += rng.standard_normal((s, s, 3), dtype=np.float32) * NOISE
         images[i] = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
         labels[i, present] = 1
         in_order = [c for _, c in sorted(zip(cells.tolist(), present))]
         captions.append("a photo of " + _join([f"a {names[c]}" for c in in_order]) + ".")
-    return LabelledImages(images, labels, tuple(captions))
+    return LabelledImages(images, labels, tuple(captions), salient)
 
 
 def subset_captions(labels, class_names, seed: int = 0) -> tuple[str, ...]:
@@ -255,11 +274,12 @@ def subset_captions(labels, class_names, seed: int = 0) -> tuple[str, ...]:
 
 def shape_scene_data(
     sizes: dict[str, int] | None = None, image_size: int = 48, num_classes: int = 16, num_cliques: int = 4,
-    seed: int = 0,
+    seed: int = 0, faint: float = 0.0,
 ) -> MultiLabelData:
     """The generated splits of `sizes` (default DEFAULT_SCENE_SIZES: pretrain, train, val, test)."""
     sizes = DEFAULT_SCENE_SIZES if sizes is None else sizes
-    splits = {name: shape_scenes(name, n, image_size, num_classes, num_cliques, seed) for name, n in sizes.items()}
+    splits = {name: shape_scenes(name, n, image_size, num_classes, num_cliques, seed, faint)
+              for name, n in sizes.items()}
     return MultiLabelData(splits, tuple(scene_class_names(num_classes)))
 
 

@@ -86,7 +86,7 @@ def load_data(data_cfg) -> multilabel.MultiLabelData:
     d = data_cfg
     if d.name == "shape_scenes":
         sizes = {"pretrain": d.num_pretrain, "train": d.num_train, "val": d.num_eval, "test": d.num_eval}
-        return multilabel.shape_scene_data(sizes, d.image_size, d.num_classes, d.num_cliques, d.seed)
+        return multilabel.shape_scene_data(sizes, d.image_size, d.num_classes, d.num_cliques, d.seed, d.faint)
     kwargs = {"year": d.voc_year} if d.name == "voc" else {}
     return multilabel.load_multilabel(d.name, d.data_dir, val_fraction=d.val_fraction, seed=d.seed,
                                       skip_missing=d.skip_missing, **kwargs)
@@ -114,6 +114,9 @@ def sources(config, data: multilabel.MultiLabelData) -> dict:
     if d.name == "shape_scenes":
         train = out["train"]
         out["hidden"] = multilabel.MultiLabelSource(train.images, train.labels, train.annotations, d.image_size)
+        test = data.splits["test"]
+        if d.faint > 0:  # the faint test objects ranked against the absent classes (salient positives left out)
+            out["faint"] = multilabel.MultiLabelSource(test.images, test.labels, test.salient, d.image_size)
     return out
 
 
@@ -314,10 +317,10 @@ def pretrain_config(config):
 
 def pretrain_task(model: CLIP, data: multilabel.MultiLabelData, tokenizer, image_size: int, prompts) -> Task:
     """CLIP trained with the symmetric InfoNCE on (scene, caption) pairs of the 'pretrain' split (each
-    caption names a random subset of the scene's objects, `multilabel.subset_captions`);
+    caption names a random subset of the scene's salient objects, `multilabel.subset_captions`);
     validation: zero-shot mAP of the class prompts on the val scenes (BatchNorm statistics carried)."""
     pre, val = data.splits["pretrain"], data.splits["val"]
-    captions = multilabel.subset_captions(pre.labels, data.class_names)
+    captions = multilabel.subset_captions(pre.salient, data.class_names)  # faint objects go unmentioned
     train = ArraySource({"image": clip_normalize(pre.images), "text": tokenizer(captions, model.context_length)})
     val_source = multilabel.MultiLabelSource(val.images, val.labels, multilabel.full_annotations(val.labels),
                                              image_size)
@@ -381,6 +384,15 @@ def export_backbone(config, data, workdir: str, results: dict) -> str:
     return backbone
 
 
+def pretrained_backbone(config, data, workdir: str, desc: str) -> str:
+    """Runs (or reuses) the pretraining stage in workdir/pretrain and returns the exported backbone's
+    directory; a pretraining that does not complete is a SystemExit naming its status (rerun resumes)."""
+    pre = sweep.run_sweep(workdir, [pretrain_job(config, data)], desc=desc)
+    if pre.status != sweep.COMPLETED:
+        raise SystemExit(f"{desc}: pretraining {pre.status} {pre.failed or ''}; rerun to resume.")
+    return export_backbone(config, data, os.path.join(workdir, "pretrain"), pre.results["pretrain"])
+
+
 # ----------------------------------------------------------------------------- comparison and entry
 
 
@@ -390,7 +402,7 @@ def comparison(config, results: dict[str, dict]) -> list[dict]:
         r = results[name]
         rows.append({"run": name, "selected_step": r.get("selected_step"), "selected_weights": r.get("selected_weights"),
                      "trainable_params": r.get("trainable_params"),
-                     **{f"{split}/{k}": r.get(f"{split}/{k}") for split in ("val", "test", "hidden")
+                     **{f"{split}/{k}": r.get(f"{split}/{k}") for split in ("val", "test", "hidden", "faint")
                         for k in ("mAP", "CF1", "OF1", "hidden_mAP")}})
     return rows
 
@@ -402,16 +414,19 @@ def format_table(config, rows: list[dict]) -> str:
     d = config.data
     protocol = "a single positive label per image" if d.protocol == "single_positive" else (
         f"{100 * d.known_proportion:.0f} % of the labels known")
-    lines = ["| run | test mAP | test CF1 | test OF1 | hidden-label mAP | val mAP | weights | step |",
-             "|" + "---|" * 8]
+    faint = d.name == "shape_scenes" and d.faint > 0
+    lines = ["| run | test mAP | test CF1 | test OF1 | hidden-label mAP |" + (" faint-object mAP |" if faint else "")
+             + " val mAP | weights | step |", "|" + "---|" * (9 if faint else 8)]
     for r in rows:
         lines.append(f"| {r['run']} | {num(r['test/mAP'])} | {num(r['test/CF1'])} | {num(r['test/OF1'])} "
-                     f"| {num(r['hidden/hidden_mAP'])} | {num(r['val/mAP'])} | {r['selected_weights']} "
-                     f"| {r['selected_step']} |")
+                     f"| {num(r['hidden/hidden_mAP'])} |" + (f" {num(r['faint/hidden_mAP'])} |" if faint else "")
+                     + f" {num(r['val/mAP'])} | {r['selected_weights']} | {r['selected_step']} |")
     return "\n".join(lines) + (
         f"\n\nTrained with {protocol}; evaluated with full labels. mAP, CF1, OF1 in % on test, of the weights "
         "(raw or EMA) and step chosen on val mAP. hidden-label mAP (generated data): mAP over the training labels "
-        "the run never saw (the train images' unobserved entries, ranked by the chosen model).\n")
+        "the run never saw (the train images' unobserved entries, ranked by the chosen model)."
+        + (" faint-object mAP: mAP of the faint test objects ranked against the absent classes (the salient "
+           "objects left out)." if faint else "") + "\n")
 
 
 def run(config, workdir: str) -> dict:
@@ -486,6 +501,8 @@ def validate(config) -> list[str]:
                           "split; use 'clip_text' or the official relation .npy file.")
     if s.relation not in RELATIONS and not os.path.isfile(s.relation):
         errors.append(f"scpnet.relation={s.relation!r} must be one of {RELATIONS} or an existing .npy file.")
+    if not 0 <= d.faint < 1:
+        errors.append(f"data.faint={d.faint} must be a probability in [0, 1) (the share of faint generated objects).")
     if d.protocol not in ("single_positive", "partial"):
         errors.append(f"data.protocol={d.protocol!r} must be 'single_positive' or 'partial'.")
     if d.protocol == "partial" and not 0 < d.known_proportion <= 1:

@@ -77,6 +77,24 @@ def test_cliques_latin_square_and_relation_block_structure(scenes):
     assert r[same & off_diagonal].min() > 0.45 and r[~same].max() < 0.3
 
 
+def test_faint_objects_keep_the_layout_lose_their_contrast_and_are_not_salient():
+    plain = M.shape_scenes("train", 40, image_size=48, seed=1)
+    faint = M.shape_scenes("train", 40, image_size=48, seed=1, faint=0.4)
+    np.testing.assert_array_equal(plain.salient, plain.labels)  # faint = 0: every object salient
+    np.testing.assert_array_equal(faint.labels, plain.labels)
+    assert faint.captions == plain.captions
+    hidden = (faint.labels == 1) & (faint.salient == 0)
+    assert np.all(faint.salient <= faint.labels) and 0.25 < hidden.sum() / faint.labels.sum() < 0.55
+    same = ~hidden.any(1)  # images without a faint object are drawn exactly as before
+    np.testing.assert_array_equal(faint.images[same], plain.images[same])
+    for image, row, salient in zip(faint.images, faint.labels, faint.salient):
+        pixels = image.reshape(-1, 3).astype(np.float32) / 255
+        for k in {c // 4 for c in np.flatnonzero(row)} - {c // 4 for c in np.flatnonzero(salient)}:
+            assert (np.abs(pixels - M.PALETTE[k]).max(1) < 0.25).sum() < 10  # only faint objects of colour k
+    with pytest.raises(ValueError, match="faint"):
+        M.shape_scenes("train", 2, faint=1.0)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"split": "dev"}, "split"), ({"num_images": 0}, "positive"), ({"num_classes": 15}, "multiple"),

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sklearn.metrics import average_precision_score
 
 from jdjax import cli, tasks
 from jdjax.data import multilabel
@@ -152,6 +153,25 @@ def test_partial_protocol_trains_on_known_entries_only(data):
     assert np.isfinite(float(total))
 
 
+def test_faint_split_ranks_the_faint_test_objects_against_the_absent_classes():
+    config = smoke("--config.data.faint=0.4")
+    data = scpnet.load_data(config.data)
+    test = data.splits["test"]
+    faint = scpnet.sources(config, data)["faint"]
+    np.testing.assert_array_equal(faint.annotations, test.salient)
+    plain = smoke("--config.data.faint=0")
+    assert "faint" not in scpnet.sources(plain, scpnet.load_data(plain.data))
+    scores = np.random.default_rng(0).normal(size=test.labels.shape)
+    batch = faint.get_batch(np.arange(len(faint)))
+    got = scpnet.summarize({"logits": scores, "labels": batch["labels"], "annotations": batch["annotations"]})
+    ap = []
+    for c in range(test.labels.shape[1]):  # salient positives left out; faint positives vs absent classes
+        keep = test.salient[:, c] == 0
+        y = test.labels[keep, c]
+        ap.append(average_precision_score(y, scores[keep, c]) if y.any() else 0.0)
+    np.testing.assert_allclose(got["hidden_mAP"], 100 * np.mean(ap), rtol=1e-9)
+
+
 @pytest.mark.parametrize("override, message", [
     ("--config.method=scpnet,gcn_only", "must be one of"),
     ("--config.data.image_size=48", "multiple of 32"),
@@ -160,6 +180,7 @@ def test_partial_protocol_trains_on_known_entries_only(data):
     ("--config.scpnet.epochs=5", "total_epochs"),
     ("--config.checkpoint.best_metric=val/loss", "val/mAP"),
     ("--config.data.crop_scale=(0.9, 0.5)", "crop_scale"),
+    ("--config.data.faint=1.0", "data.faint"),
 ])
 def test_bad_configs_are_named_before_anything_runs(tmp_path, override, message):
     config = smoke(override)
