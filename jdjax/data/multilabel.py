@@ -149,7 +149,7 @@ class LabelledImages:
     images: np.ndarray | tuple[str, ...]
     labels: np.ndarray
     captions: tuple[str, ...] | None = None
-    salient: np.ndarray | None = None  # uint8 [N, C] generated data: the objects drawn at full contrast
+    salient: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -114,8 +114,8 @@ def sources(config, data: multilabel.MultiLabelData) -> dict:
     if d.name == "shape_scenes":
         train = out["train"]
         out["hidden"] = multilabel.MultiLabelSource(train.images, train.labels, train.annotations, d.image_size)
-        test = data.splits["test"]
         if d.faint > 0:  # the faint test objects ranked against the absent classes (salient positives left out)
+            test = data.splits["test"]
             out["faint"] = multilabel.MultiLabelSource(test.images, test.labels, test.salient, d.image_size)
     return out
 
