@@ -97,6 +97,10 @@ def get_config(arg=None):
             splc_margin=1.0, splc_tau=0.6, focal_gamma=2.0, splc_start_epoch=1,
             bn_train_start_epoch=1,  # BatchNorm on its running statistics before this epoch (official)
             gcn_lr=1e-4,
+            # [R] False: the supervised loss's unobserved entries (negatives by assumption, false ones
+            # among them) do not train the GCN; they still train the image tower and the prompt.
+            gcn_from_unobserved=True,
+            gcn_center=False,  # [R] True: the GCN's output minus its mean over classes (no common shift)
             epochs=5, total_epochs=5, eval_every_epochs=1,
             ema_epoch_decay=0.82,  # the EMA's decay per epoch (0 = no EMA); per step 0.82 ** (1 / steps per epoch)
         )

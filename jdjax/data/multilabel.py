@@ -56,7 +56,7 @@ with 'image', 'labels' float32 [C], 'annotations' float32 [C], 'index' int32 (th
 per-image memory bank). Eval sources give 'image' float32 [S, S, 3]: shorter side to S
 (bicubic), centre crop, CLIP mean/std (jdjax.data.video.clip_preprocess). The train source gives
 uint8 [S', S', 3] (generated images as they are; a file stretched to S' = train_size, default S,
-so that the random crops can reach every object) and `three_view_augment` turns a batch into
+so that the random crops can reach every object) and `train_view_augment` turns a batch into
 SCPNet's three views (spec §4.3): 'image' = weak view, 'image_w' = a second independent weak view,
 'image_s' = strong view, all CLIP-normalised float32 [B, S, S, 3]. Weak = RandomHorizontalFlip +
 RandomResizedCrop(S) (torchvision's: area `crop_scale`, aspect 3/4-4/3, bilinear); strong =
@@ -382,7 +382,7 @@ class MultiLabelSource:
     """Random-access multi-label examples (a source of jdjax.data.pipeline), decoding files per batch.
 
     `get_batch(indices)` -> {'image': float32 [B, S, S, 3] CLIP-normalised (eval) or uint8
-    [B, S', S', 3] (train=True, for `three_view_augment`), 'labels' float32 [B, C] (0/1),
+    [B, S', S', 3] (train=True, for `train_view_augment`), 'labels' float32 [B, C] (0/1),
     'annotations' float32 [B, C] (1 / 0 / -1), 'index' int32 [B] (the rows)}.
 
     Args:
@@ -530,32 +530,38 @@ def weak_view(image: Image.Image, size: int, rng: np.random.Generator, crop_scal
     return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)))
 
 
-def three_view_augment(image_size: int, crop_scale: tuple[float, float] = (0.08, 1.0)):
+def train_view_augment(image_size: int, crop_scale: tuple[float, float] = (0.08, 1.0), pessl_views: bool = True):
     """SCPNet's training views (spec §4.3) as a pipeline `augment(batch, draws)` hook.
 
     The batch's 'image' must be raw uint8 [B, H, W, 3] (a train=True MultiLabelSource); the result
-    has 'image' (weak), 'image_w' (a second weak view) and 'image_s' (strong), each float32
-    [B, image_size, image_size, 3] CLIP-normalised, and the other keys unchanged. Row b's views
-    depend only on draws[b] (jdjax.data.pipeline: uniform numbers of (seed, step, global row)),
-    which seed its own generator, so a batch is the same for any number of processes.
+    has 'image' (weak) and, with `pessl_views`, 'image_w' (a second weak view) and 'image_s'
+    (strong), each float32 [B, image_size, image_size, 3] CLIP-normalised, and the other keys
+    unchanged. Without `pessl_views` (runs whose loss reads the weak view only) the weak views are
+    the same as with them. Row b's views depend only on draws[b] (jdjax.data.pipeline: uniform
+    numbers of (seed, step, global row)), which seed its own generator, so a batch is the same for
+    any number of processes.
     """
+    num_views = 3 if pessl_views else 1
 
     def augment(batch: dict, draws: np.ndarray) -> dict:
         images = batch["image"]
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(
-                f"three_view_augment needs raw uint8 images [B, H, W, 3], got {images.dtype} {images.shape}; build "
+                f"train_view_augment needs raw uint8 images [B, H, W, 3], got {images.dtype} {images.shape}; build "
                 "the training source with train=True (multilabel_sources does)."
             )
-        views = np.empty((3, len(images), image_size, image_size, 3), np.uint8)  # [3, B, S, S, 3]
+        views = np.empty((num_views, len(images), image_size, image_size, 3), np.uint8)  # [V, B, S, S, 3]
         for b, pixels in enumerate(images):
             rng = np.random.default_rng(np.floor(np.asarray(draws[b]) * 2.0**32).astype(np.uint64))
             image = Image.fromarray(pixels)
             views[0, b] = weak_view(image, image_size, rng, crop_scale)
-            views[1, b] = weak_view(image, image_size, rng, crop_scale)
-            views[2, b] = weak_view(rand_augment(image, rng), image_size, rng, crop_scale)
-        weak, weak2, strong = clip_normalize(views)
-        return {**batch, "image": weak, "image_w": weak2, "image_s": strong}
+            if pessl_views:
+                views[1, b] = weak_view(image, image_size, rng, crop_scale)
+                views[2, b] = weak_view(rand_augment(image, rng), image_size, rng, crop_scale)
+        views = clip_normalize(views)
+        if not pessl_views:
+            return {**batch, "image": views[0]}
+        return {**batch, "image": views[0], "image_w": views[1], "image_s": views[2]}
 
     return augment
 

@@ -185,11 +185,13 @@ class SemanticGCN(nn.Module):
     """Three graph convolutions, z = G LReLU(G LReLU(G T W1) W2) W3 (no bias, LeakyReLU slope 0.2),
     E -> hidden -> hidden -> E, weights [in, out] ~ U(+-1 / sqrt(out)) (the official init).
 
-    Attributes: hidden (None = 2 E), negative_slope, param_dtype. Computes in float32.
+    Attributes: hidden (None = 2 E), negative_slope, center ([R] subtract the output's mean over
+    classes), param_dtype. Computes in float32.
     """
 
     hidden: int | None = None
     negative_slope: float = 0.2
+    center: bool = False
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -205,6 +207,8 @@ class SemanticGCN(nn.Module):
             x = g @ (x @ w.astype(jnp.float32))  # [C, d_out]
             if i < 2:
                 x = nn.leaky_relu(x, self.negative_slope)
+        if self.center:
+            x = x - jnp.mean(x, axis=0, keepdims=True)
         return x
 
 
@@ -224,6 +228,8 @@ class SCPNet(nn.Module):
         CLIP `logit_scale`, NUS-WIDE).
       use_gcn: False gives the "no GCN" ablation, z* = normalize(T).
       gcn_hidden: the GCN width (None = 2 E).
+      gcn_center: [R] subtract the GCN output's mean over classes before the residual, so that the
+        GCN cannot shift every class embedding alike (not in the paper or the code; off there).
       param_dtype: of prompt_ctx, the GCN weights and logit_scale.
     """
 
@@ -235,6 +241,7 @@ class SCPNet(nn.Module):
     scale: float | str = 10.0
     use_gcn: bool = True
     gcn_hidden: int | None = None
+    gcn_center: bool = False
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
@@ -256,7 +263,7 @@ class SCPNet(nn.Module):
         self.prompt_ctx = self.param("prompt_ctx", logical(init_ctx, (None, "embed")), (self.n_ctx, width),
                                      self.param_dtype)
         if self.use_gcn:
-            self.gcn = SemanticGCN(hidden=self.gcn_hidden, param_dtype=self.param_dtype)
+            self.gcn = SemanticGCN(hidden=self.gcn_hidden, center=self.gcn_center, param_dtype=self.param_dtype)
         if self.scale == "clip":
             self.logit_scale = self.param("logit_scale", logical(nn.initializers.constant(math.log(1 / 0.07)), ()),
                                           (), self.param_dtype)
@@ -289,14 +296,23 @@ class SCPNet(nn.Module):
             return jnp.exp(self.logit_scale.astype(jnp.float32))
         return jnp.float32(self.scale)
 
-    def __call__(self, images, train: bool = False):
+    def __call__(self, images, train: bool = False, gcn_grad=None):
         """images [B, H, W, 3] -> logits [B, C] = s normalize(f) z*^T (float32).
 
         `train` reaches the image tower only (BatchNorm batch statistics); the official run keeps it
         False through epoch 0 (CLIP's build_model returns an eval-mode model; train() is first called
-        after the first validation) and True from epoch 1."""
+        after the first validation) and True from epoch 1. `gcn_grad` [B, C] bool (None = all True):
+        where False, the logit's value is the same but its gradient does not reach the GCN (it
+        still reaches the image tower and the prompt)."""
         f = l2_normalize(self.visual(images, train=train))  # [B, E]
-        return self.logit_scale_value() * f @ self.class_embeddings().T
+        s = self.logit_scale_value()
+        if gcn_grad is None or not self.use_gcn:
+            return s * f @ self.class_embeddings().T
+        t = self.text_features()
+        z = self.gcn(t, self.adjacency)
+        through = s * f @ l2_normalize(z + t).T
+        around = s * f @ l2_normalize(jax.lax.stop_gradient(z) + t).T
+        return jnp.where(gcn_grad, through, around)
 
 
 # ----------------------------------------------------------------------------- losses

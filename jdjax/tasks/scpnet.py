@@ -31,6 +31,12 @@ OneCycle schedule with its beta1 cycling over `total_epochs` (training stops at 
 GCN's own learning rate, and an EMA of the weights (decay 0.82 ** (1 / steps per epoch)) evaluated
 beside the raw weights. The official code keeps the better of the two on the *test* split; here
 both are compared on val and only the winner is evaluated on test.
+
+Two [R] options, off by default as in the code: `scpnet.gcn_center` (the GCN output minus its mean
+over classes) and `scpnet.gcn_from_unobserved=False` (the supervised view's unobserved entries,
+negatives by assumption, train the image tower and the prompt but not the GCN). Under single
+positive labels a fast GCN (lr 1e-3) otherwise grows one shift common to every class embedding
+(2-3 times |T|; its unit rows' mean has norm 0.99) and the ranking collapses (README, SCPNet).
 """
 
 from __future__ import annotations
@@ -184,7 +190,8 @@ def build_model(config, method: Method, tokenizer, class_names, adjacency: np.nd
     visual, text = CLIP(**clip_kwargs(config, tokenizer.vocab_size)).towers()
     prompts = scp.class_prompts(tokenizer, class_names, m.ctx_init, m.n_ctx, text.context_length)
     return scp.SCPNet(visual=visual, text=text, prompt_ids=prompts, adjacency=adjacency, n_ctx=m.n_ctx,
-                      scale="clip" if m.clip_scale else float(m.scale), use_gcn=method.gcn)
+                      scale="clip" if m.clip_scale else float(m.scale), use_gcn=method.gcn,
+                      gcn_center=config.scpnet.gcn_center)
 
 
 def steps_per_epoch(config, num_train: int) -> int:
@@ -212,14 +219,16 @@ def scpnet_task(config, model: scp.SCPNet, sources: dict, method: Method, calib:
         state["pessl"] = {"bank": jnp.zeros((num_train, num_classes), jnp.int8), "step": jnp.zeros((), jnp.int32)}
         return state
 
-    def forward(params, model_state, images, bn_train):
+    def forward(params, model_state, images, bn_train, gcn_grad):
         """logits [N, C] and the new batch_stats ({} without BatchNorm). BatchNorm trains (batch
         statistics, running ones updated) when `bn_train` (a traced bool), else it runs on its running
-        statistics, which stay as they are (the ResNet tower takes the traced switch; see clip_resnet)."""
+        statistics, which stay as they are (the ResNet tower takes the traced switch; see clip_resnet).
+        gcn_grad: [N, C] bool or None (SCPNet.__call__)."""
         stats = {k: v for k, v in model_state.items() if k == "batch_stats"}
         if not stats:
-            return model.apply({"params": params}, images, train=True), {}
-        logits, updates = model.apply({"params": params, **stats}, images, train=bn_train, mutable=["batch_stats"])
+            return model.apply({"params": params}, images, train=True, gcn_grad=gcn_grad), {}
+        logits, updates = model.apply({"params": params, **stats}, images, train=bn_train, gcn_grad=gcn_grad,
+                                      mutable=["batch_stats"])
         return logits, jax.tree.map(lambda new, old: jnp.where(bn_train, new, old), dict(updates), stats)
 
     def loss(params, model_state, batch, rng):
@@ -229,7 +238,11 @@ def scpnet_task(config, model: scp.SCPNet, sources: dict, method: Method, calib:
         use_splc = jnp.logical_and(method.splc, epoch >= s.splc_start_epoch)
         ann = batch["annotations"]
         views = ([batch["image"], batch["image_w"], batch["image_s"]] if method.pessl else [batch["image"]])
-        logits, stats = forward(params, model_state, jnp.concatenate(views), epoch >= s.bn_train_start_epoch)
+        gcn_grad = None
+        if not s.gcn_from_unobserved:  # [R] the supervised view's unobserved entries do not train the GCN
+            gcn_grad = jnp.concatenate([ann != 0] + [jnp.ones_like(ann, bool)] * (len(views) - 1))
+        logits, stats = forward(params, model_state, jnp.concatenate(views), epoch >= s.bn_train_start_epoch,
+                                gcn_grad)
         bank = model_state["pessl"]["bank"]
         if method.pessl:
             lb, weak, strong = jnp.split(logits, 3)
@@ -257,7 +270,8 @@ def scpnet_task(config, model: scp.SCPNet, sources: dict, method: Method, calib:
 
     return Task(init=init, loss=loss, predict=predict, summarize=summarize, train_source=train,
                 eval_sources={k: v for k, v in sources.items() if k != "train"}, init_model_state=init_model_state,
-                augment=multilabel.three_view_augment(d.image_size, tuple(d.crop_scale)), trainable=TRAINABLE,
+                augment=multilabel.train_view_augment(d.image_size, tuple(d.crop_scale), method.pessl),
+                trainable=TRAINABLE,
                 lr_multipliers=((r"^gcn/", s.gcn_lr / config.optimizer.learning_rate),), **task_kwargs)
 
 

@@ -46,6 +46,10 @@ from jdjax.train.validation import check_loop_config
 # Steps dispatched ahead of the host. Enough to hide dispatch latency; unbounded queues of
 # collectives have hung XLA's in-process CPU all-reduce with 8 fake devices on 2 cores.
 MAX_STEPS_IN_FLIGHT = 4
+# The initial state is computed once, so its compile time is all that matters: on CPU, LLVM's
+# expensive passes take a third of it (SCPNet's embedded model, about 100 threefry draws: 11.0 s ->
+# 7.1 s on 2 quiet cores), for bit-identical values (tests/train/test_model_state.py).
+CPU_INIT_COMPILER_OPTIONS = {"xla_llvm_disable_expensive_passes": True}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -240,7 +244,8 @@ def compile_task(config, task: Task) -> Compiled:
 
     def init_state() -> TrainState:
         with nn.logical_axis_rules(rules):
-            state = jax.jit(fresh_state, out_shardings=state_sh)(init_rng)
+            options = CPU_INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+            state = jax.jit(fresh_state, out_shardings=state_sh).lower(init_rng).compile(options)(init_rng)
         if task.load_pretrained is None:
             return state
         variables = task.load_pretrained(_to_host_tree({"params": state.params, **state.model_state}))

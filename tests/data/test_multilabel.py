@@ -220,7 +220,7 @@ def raw_batch(scenes):
 
 
 def test_three_views_shapes_dtypes_and_differences(raw_batch):
-    augment = M.three_view_augment(32)
+    augment = M.train_view_augment(32)
     draws = np.random.default_rng(0).random((16, pipeline.AUGMENT_DRAWS))
     out = augment(raw_batch, draws)
     for key in ("image", "image_w", "image_s"):
@@ -237,17 +237,21 @@ def test_three_views_shapes_dtypes_and_differences(raw_batch):
     # row b depends only on draws[b]: a process that holds rows 4..7 gets the same views
     part = augment({k: v[4:8] for k, v in raw_batch.items()}, draws[4:8])
     np.testing.assert_array_equal(part["image_s"], out["image_s"][4:8])
+    # without PESSL's views: the same weak view, nothing else
+    weak = M.train_view_augment(32, pessl_views=False)(raw_batch, draws)
+    assert "image_w" not in weak and "image_s" not in weak
+    np.testing.assert_array_equal(weak["image"], out["image"])
 
 
 def test_three_views_reject_normalised_images(raw_batch):
     batch = {**raw_batch, "image": clip_normalize(raw_batch["image"])}
     with pytest.raises(ValueError, match="train=True"):
-        M.three_view_augment(32)(batch, np.zeros((16, 8)))
+        M.train_view_augment(32)(batch, np.zeros((16, 8)))
 
 
 def test_augmented_training_batches_from_the_pipeline(scenes):
     src = M.multilabel_sources(scenes, 48)["train"]
-    ds = pipeline.train_dataset(src, 8, seed=0, augment=M.three_view_augment(48))
+    ds = pipeline.train_dataset(src, 8, seed=0, augment=M.train_view_augment(48))
     batch = ds[3]
     assert batch["image_s"].shape == (8, 48, 48, 3) and batch["image"].dtype == np.float32
     np.testing.assert_array_equal(ds[3]["image_w"], batch["image_w"])

@@ -259,20 +259,51 @@ def test_reproduces_clip_zero_shot_logits(setup, use_gcn):
     np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_gcn_matches_numpy_and_residual(setup):
-    """z* = normalize(G LReLU(G LReLU(G T W1) W2) W3 + T), fixed scale 10."""
+@pytest.mark.parametrize("center", [False, True])
+def test_gcn_matches_numpy_and_residual(setup, center):
+    """z* = normalize(G LReLU(G LReLU(G T W1) W2) W3 + T), fixed scale 10; gcn_center subtracts the
+    GCN output's mean over classes before the residual."""
     g, images = setup[1], setup[2]
-    model = _scpnet(setup, scale=10)
+    model = _scpnet(setup, scale=10, gcn_center=center)
     params = _from_clip(setup, model, gcn_scale=1.0)
     t = np.asarray(model.apply({"params": params}, method=scpnet.SCPNet.text_features), np.float64)
     w = {k: np.asarray(v, np.float64) for k, v in params["gcn"].items()}
     lrelu = lambda x: np.where(x > 0, x, 0.2 * x)  # noqa: E731
-    z = g @ lrelu(g @ lrelu(g @ t @ w["w1"]) @ w["w2"]) @ w["w3"] + t
+    z = g @ lrelu(g @ lrelu(g @ t @ w["w1"]) @ w["w2"]) @ w["w3"]
+    z = z - z.mean(axis=0) if center else z
+    z = z + t
     z = z / np.linalg.norm(z, axis=1, keepdims=True)
     np.testing.assert_allclose(model.apply({"params": params}, method=scpnet.SCPNet.class_embeddings), z, atol=1e-5)
     f = np.asarray(model.apply({"params": params}, images, method=lambda m, x: m.visual(x)), np.float64)
     f = f / np.linalg.norm(f, axis=1, keepdims=True)
     np.testing.assert_allclose(model.apply({"params": params}, images), 10 * f @ z.T, rtol=1e-5, atol=1e-5)
+
+
+def test_gcn_grad_mask_routes_gradient_not_value(setup):
+    """gcn_grad False: the same logit, no gradient into the GCN from it, the same gradient into the
+    image tower and the prompt; True: the plain model's gradients everywhere."""
+    images = setup[2]
+    model = _scpnet(setup, scale=10)
+    params = _from_clip(setup, model, gcn_scale=1.0)
+    mask = np.zeros((3, C), bool)
+    mask[0, 1] = True
+
+    def grads(mask, weights):
+        return jax.grad(lambda p: jnp.sum(weights * model.apply({"params": p}, images, gcn_grad=mask)))(params)
+
+    weights = jnp.asarray(np.random.default_rng(3).normal(size=(3, C)), jnp.float32)
+    plain = model.apply({"params": params}, images)
+    np.testing.assert_array_equal(model.apply({"params": params}, images, gcn_grad=mask), plain)
+    g_all, g_none, g_one = grads(np.ones((3, C), bool), weights), grads(np.zeros((3, C), bool), weights), \
+        grads(mask, weights)
+    g_ref = jax.grad(lambda p: jnp.sum(weights * model.apply({"params": p}, images)))(params)
+    chex.assert_trees_all_close(g_all, g_ref, atol=1e-6)
+    chex.assert_trees_all_equal(g_none["gcn"], jax.tree.map(jnp.zeros_like, g_ref["gcn"]))
+    np.testing.assert_allclose(g_none["visual"]["proj"], g_ref["visual"]["proj"], atol=1e-6)
+    # Only the one True entry trains the GCN: its gradient is that entry's alone.
+    g_entry = jax.grad(lambda p: weights[0, 1] * model.apply({"params": p}, images)[0, 1])(params)
+    chex.assert_trees_all_close(g_one["gcn"], g_entry["gcn"], atol=1e-6)
+    assert float(jnp.abs(g_one["gcn"]["w1"]).max()) > 0
 
 
 def test_model_errors(setup):

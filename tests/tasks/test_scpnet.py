@@ -129,6 +129,19 @@ def test_assume_negative_is_plain_bce_on_the_observed_positives(data, single_vie
     np.testing.assert_allclose(float(total), bce, rtol=1e-4)
 
 
+def test_unobserved_entries_can_be_kept_out_of_the_gcn_gradient(data):
+    """scpnet.gcn_from_unobserved=False: with no label observed, the supervised loss still trains the
+    image tower (every entry is a negative by assumption) but gives the GCN no gradient at all."""
+    config = smoke("--config.scpnet.gcn_from_unobserved=False")
+    task = _task(config, data, "no_pessl")
+    params, state = _variables(task)
+    batch = _batch(task, config, np.arange(config.batch_size))
+    batch["annotations"] = jnp.zeros_like(batch["annotations"])
+    grads = jax.jit(jax.grad(lambda p: task.loss(p, state, batch, jax.random.key(1))[0]))(params)
+    assert all(not np.asarray(g).any() for g in jax.tree.leaves(grads["gcn"]))
+    assert np.abs(np.asarray(grads["visual"]["attnpool"]["c_proj"]["kernel"])).max() > 0
+
+
 def test_no_prior_uses_identity_matrices_and_the_prior_is_row_stochastic(data):
     config = smoke()
     relation = scpnet.relation_matrix(config, data, None)

@@ -204,6 +204,17 @@ def test_pretrained_batch_stats_are_loaded_into_state_and_ema():
     assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
 
 
+def test_initial_state_is_the_plain_init_bit_for_bit():
+    """The loop compiles the initial state with its own compiler options (loop.CPU_INIT_COMPILER_OPTIONS):
+    the parameters equal a plain jit of task.init on the same key, bit for bit (truncated-normal
+    kernels, i.e. erf_inv, among them)."""
+    cfg, task = config(ema_decay=0.9), bn_task()
+    state = loop.compile_task(cfg, task).init_state()
+    init_rng, _ = jax.random.split(jax.random.key(cfg.seed))
+    chex.assert_trees_all_equal(state.params, nn.meta.unbox(jax.jit(task.init)(init_rng)))
+    chex.assert_trees_all_equal(state.ema["params"], state.params)
+
+
 @pytest.mark.parametrize("decay", [1.0, -0.1])
 def test_ema_decay_out_of_range_is_a_usage_error(tmp_path, decay):
     with pytest.raises(UsageError, match=r"ema_decay must be in \[0, 1\)"):
