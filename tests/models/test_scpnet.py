@@ -279,6 +279,7 @@ def test_gcn_matches_numpy_and_residual(setup, center):
     np.testing.assert_allclose(model.apply({"params": params}, images), 10 * f @ z.T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # about 30 s: five eager gradients through both towers
 def test_gcn_grad_mask_routes_gradient_not_value(setup):
     """gcn_grad False: the same logit, no gradient into the GCN from it, the same gradient into the
     image tower; all True: the plain model's gradients. (Eager gradients: jitting each one compiles
