@@ -1,7 +1,9 @@
 """How much the label prior could add: the embedded backbone's zero-shot scores mixed with S.
 
-    python -m benchmarks.scpnet_prior_value --config=configs/scpnet.py --workdir=runs/scpnet-prior \
-        --config.data.faint=0.3
+    python -m benchmarks.scpnet_prior_value --config=configs/scpnet.py --workdir=runs/scpnet-prior
+    # the scenes without faint objects:
+    python -m benchmarks.scpnet_prior_value --config=configs/scpnet.py --workdir=runs/scpnet-prior-nofaint \
+        --config.data.faint=0
 
 The recipe's pretraining stage (workdir/pretrain, reused when finished) gives the zero-shot CoOp
 classifier of "a photo of a {name}." (SCPNet with the GCN weights at 0). Its test logits l [N, C]
