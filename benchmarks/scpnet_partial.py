@@ -3,7 +3,7 @@
     python -m benchmarks.scpnet_partial --config=configs/scpnet.py --workdir=runs/scpnet-partial \
         --proportions=0.1,0.3,0.5,0.7,0.9 --seeds=0,1,2
 
-One small CLIP is pretrained once (workdir/backbone_run, the recipe's pretraining stage); then for
+One small CLIP is pretrained once (workdir/pretrain, the recipe's pretraining stage); then for
 every known-label proportion p and seed, the partial-label protocol (each training label kept with
 probability p, known positives and known negatives used; `data.protocol='partial'`) trains every
 method of `--methods` from that backbone (workdir/p<p>_seed<k>, jobs of the sweep runner: finished
