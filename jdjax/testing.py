@@ -40,17 +40,22 @@ def subprocess_env(num_devices: int = 1, fast_compile: bool = False, **extra: st
     return env
 
 
-def run_main(config: str, workdir: str, *overrides: str, num_devices: int = 1, timeout: float = 300,
-             fast_compile: bool = False, **env):
-    """Runs `python -m jdjax.main` in a child process; returns the CompletedProcess."""
+def run_module(module: str, *args: str, num_devices: int = 1, timeout: float = 300, fast_compile: bool = False,
+               **env):
+    """Runs `python -m module *args` from the repository root in a child process; returns the CompletedProcess."""
     return subprocess.run(
-        main_command(config, workdir, *overrides),
+        [sys.executable, "-m", module, *args],
         cwd=REPO_ROOT,
         env=subprocess_env(num_devices, fast_compile, **env),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def run_main(config: str, workdir: str, *overrides: str, **kwargs):
+    """Runs `python -m jdjax.main` in a child process (run_module's options); returns the CompletedProcess."""
+    return run_module("jdjax.main", f"--config={config}", f"--workdir={workdir}", *overrides, **kwargs)
 
 
 def random_images(shape, seed: int = 0) -> np.ndarray:

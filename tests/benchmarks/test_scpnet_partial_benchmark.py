@@ -5,8 +5,6 @@ plot in the workdir, nothing recorded for a smoke run."""
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -25,11 +23,8 @@ def _digest(path) -> str:
 def test_smoke_rows_runs_and_plot(tmp_path):
     plot_in_repo = os.path.join(testing.REPO_ROOT, "benchmarks", "scpnet_partial.png")
     before = (_digest(harness.RESULTS_JSONL), _digest(plot_in_repo))
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.scpnet_partial", "--config=configs/scpnet.py:smoke",
-         f"--workdir={tmp_path}", "--proportions=0.5", "--seeds=0,1"],
-        cwd=testing.REPO_ROOT, env=testing.subprocess_env(1), capture_output=True, text=True, timeout=900,
-        check=False)
+    proc = testing.run_module("benchmarks.scpnet_partial", "--config=configs/scpnet.py:smoke", f"--workdir={tmp_path}",
+                              "--proportions=0.5", "--seeds=0,1", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (_digest(harness.RESULTS_JSONL), _digest(plot_in_repo)) == before
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

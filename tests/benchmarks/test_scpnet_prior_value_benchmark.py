@@ -2,8 +2,6 @@
 faint data, nothing recorded for a smoke run."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -17,11 +15,8 @@ pytestmark = pytest.mark.slow
 def test_smoke_rows(tmp_path):
     with open(harness.RESULTS_JSONL) as f:
         before = f.read()
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.scpnet_prior_value", "--config=configs/scpnet.py:smoke",
-         f"--workdir={tmp_path}", "--config.data.faint=0.4", "--mix=0,0.5,1"],
-        cwd=testing.REPO_ROOT, env=testing.subprocess_env(1), capture_output=True, text=True, timeout=600,
-        check=False)
+    proc = testing.run_module("benchmarks.scpnet_prior_value", "--config=configs/scpnet.py:smoke",
+                              f"--workdir={tmp_path}", "--config.data.faint=0.4", "--mix=0,0.5,1", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(harness.RESULTS_JSONL) as f:
         assert f.read() == before
