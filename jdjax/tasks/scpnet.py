@@ -32,9 +32,10 @@ GCN's own learning rate, and an EMA of the weights (decay 0.82 ** (1 / steps per
 beside the raw weights. The official code keeps the better of the two on the *test* split; here
 both are compared on val and only the winner is evaluated on test.
 
-Two [R] options, off by default as in the code: `scpnet.gcn_center` (the GCN output minus its mean
-over classes) and `scpnet.gcn_from_unobserved=False` (the supervised view's unobserved entries,
-negatives by assumption, train the image tower and the prompt but not the GCN). Under single
+Two [R] options, on in the embedded recipe and off in the paper variants (the released code):
+`scpnet.gcn_center` (the GCN output minus its mean over classes) and
+`scpnet.gcn_from_unobserved=False` (the supervised view's unobserved entries, negatives by
+assumption, train the image tower and the prompt but not the GCN). Under single
 positive labels a fast GCN (lr 1e-3) otherwise grows one shift common to every class embedding
 (2-3 times |T|; its unit rows' mean has norm 0.99) and the ranking collapses (README, SCPNet).
 """
